@@ -1,0 +1,111 @@
+"""The study DAG.
+
+    data -> train (one job per method x granularity x seed) -> evaluate -> summary
+    budget (solver only) and the untrained base model's evaluation run beside them.
+
+Thin rules: each calls `python -m harness <command>`. The config file is
+validated, plugins are loaded and the budget is solved when this file is read,
+so bad input stops the workflow before any job starts.
+
+    snakemake --cores 2                                   # the default CPU study
+    snakemake --cores 2 --configfile config/smoke.yaml    # the same DAG in minutes
+"""
+
+import re
+
+from harness.snakemake_support import load_study
+
+
+CONFIG_PATH, STUDY, PLAN = load_study(workflow, config)
+OUT = STUDY["out_dir"]
+TRAINED = [run.run_id for run in PLAN.trained_runs]
+ALL_RUNS = [run.run_id for run in PLAN.runs]
+
+
+wildcard_constraints:
+    run="|".join(re.escape(r) for r in ALL_RUNS),
+
+
+def train_outputs(wildcards):
+    if wildcards.run in TRAINED:
+        return f"{OUT}/runs/{wildcards.run}/train.json"
+    return []
+
+
+rule all:
+    input:
+        f"{OUT}/summary.csv",
+        f"{OUT}/tables/budget.csv",
+
+
+rule data:
+    output:
+        train=f"{OUT}/data/train.jsonl",
+        summary=f"{OUT}/data/data_summary.json",
+    log:
+        f"{OUT}/logs/data.log",
+    conda:
+        "envs/harness.yaml"
+    shell:
+        "python -m harness data --config {CONFIG_PATH:q} > {log:q} 2>&1"
+
+
+rule budget:
+    output:
+        csv=f"{OUT}/tables/budget.csv",
+        md=f"{OUT}/tables/budget.md",
+    log:
+        f"{OUT}/logs/budget.log",
+    conda:
+        "envs/harness.yaml"
+    shell:
+        "python -m harness budget-table --config {CONFIG_PATH:q} > {log:q} 2>&1"
+
+
+rule train:
+    input:
+        rules.data.output.train,
+    output:
+        summary=protected(f"{OUT}/runs/{{run}}/train.json"),
+        log=f"{OUT}/runs/{{run}}/train_log.jsonl",
+    log:
+        f"{OUT}/logs/train/{{run}}.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+    conda:
+        "envs/harness.yaml"
+    shell:
+        "python -m harness train --config {CONFIG_PATH:q} --run {wildcards.run} > {log:q} 2>&1"
+
+
+rule evaluate:
+    input:
+        rules.data.output.summary,
+        train_outputs,
+    output:
+        metrics=protected(f"{OUT}/runs/{{run}}/metrics.json"),
+        lm_eval=f"{OUT}/runs/{{run}}/lm_eval_results.json",
+    log:
+        f"{OUT}/logs/evaluate/{{run}}.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+    conda:
+        "envs/harness.yaml"
+    shell:
+        "python -m harness evaluate --config {CONFIG_PATH:q} --run {wildcards.run} > {log:q} 2>&1"
+
+
+rule summary:
+    input:
+        expand(f"{OUT}/runs/{{run}}/metrics.json", run=ALL_RUNS),
+    output:
+        csv=f"{OUT}/summary.csv",
+        md=f"{OUT}/summary.md",
+    log:
+        f"{OUT}/logs/summary.log",
+    conda:
+        "envs/harness.yaml"
+    shell:
+        "python -m harness summary --config {CONFIG_PATH:q} > {log:q} 2>&1"

@@ -1,0 +1,192 @@
+"""``python -m harness <command>``: the entry points the Snakefile's thin rules call.
+
+Commands: methods, budget, plan, data, train, evaluate, summary, tables, figures,
+bench, compose. Every command validates its config first and exits with a
+one-paragraph message (status 2) on bad input instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+USER_ERRORS: tuple[type[BaseException], ...] = ()
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from harness.config import ConfigError
+    from harness.methods import BudgetError, PluginError, UnknownMethodError
+    from harness.methods.inject import CountMismatchError
+    from harness.modeling import ModelSourceError
+
+    errors: list[type[BaseException]] = [
+        ConfigError,
+        BudgetError,
+        PluginError,
+        UnknownMethodError,
+        CountMismatchError,
+        ModelSourceError,
+    ]
+    try:
+        from harness.data.jsonl import DataError
+
+        errors.append(DataError)
+    except ImportError:
+        pass
+    try:
+        from harness.train import TrainingDiverged
+
+        errors.append(TrainingDiverged)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+# -- methods ---------------------------------------------------------------------------
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from harness.methods import all_methods
+    from harness.methods.registry import load_plugin, origin
+
+    for path in args.plugin or []:
+        load_plugin(path)
+    if args.config:
+        from harness.config import load_config
+
+        for path in load_config(args.config).get("plugins", []):
+            load_plugin(path)
+    methods = all_methods()
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    name: {
+                        "description": m.description,
+                        "paper": m.paper,
+                        "routed": m.routed,
+                        "hyperparameters": m.hyperparameters(),
+                        "defined_in": origin(name),
+                    }
+                    for name, m in methods.items()
+                },
+                indent=2,
+                default=str,
+            )
+        )
+        return 0
+    width = max(len(n) for n in methods)
+    for name, m in methods.items():
+        print(f"{name:<{width}}  {m.description}")
+        if m.paper:
+            print(f"{'':<{width}}  paper: {m.paper}")
+        params = ", ".join(f"{k}={v}" for k, v in m.hyperparameters().items())
+        print(f"{'':<{width}}  hyperparameters: {params}")
+        if not origin(name).startswith("harness.methods."):
+            print(f"{'':<{width}}  plugin: {origin(name)}")
+    return 0
+
+
+# -- budget ----------------------------------------------------------------------------
+
+
+def cmd_budget(args: argparse.Namespace) -> int:
+    from harness.budget import verify_counts
+    from harness.config import load_config
+    from harness.report import budget_frame, budget_table_text
+    from harness.study import load_methods, plan_study
+
+    config = load_config(args.config)
+    plan = plan_study(config)
+    methods = {m.name: m for m, _ in load_methods(config)}
+    verify_counts(plan.rows, methods, plan.shapes)
+    frame = budget_frame(plan)
+    if args.json:
+        print(json.dumps(frame.to_dict(orient="records"), indent=2, default=str))
+    else:
+        print(budget_table_text(plan, frame))
+    bad = frame[frame["verified"] == False]  # noqa: E712
+    if len(bad):
+        print(f"count check FAILED for: {', '.join(bad['run'])}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_budget_table(args: argparse.Namespace) -> int:
+    """Write the budget table (CSV and Markdown) under ``<out_dir>/tables``."""
+    from harness.budget import verify_counts
+    from harness.config import load_config
+    from harness.io import atomic_write_text
+    from harness.report import budget_frame
+    from harness.study import load_methods, plan_study
+
+    config = load_config(args.config)
+    plan = plan_study(config)
+    verify_counts(plan.rows, {m.name: m for m, _ in load_methods(config)}, plan.shapes)
+    frame = budget_frame(plan)
+    out = Path(config["out_dir"]) / "tables"
+    atomic_write_text(out / "budget.csv", frame.to_csv(index=False))
+    atomic_write_text(out / "budget.md", frame.to_markdown(index=False) + "\n")
+    print(f"wrote {out / 'budget.csv'} and budget.md ({len(frame)} rows)")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from harness.config import load_config
+    from harness.study import plan_study
+
+    plan = plan_study(load_config(args.config))
+    for run in plan.runs:
+        print(run.run_id)
+    return 0
+
+
+# -- the rest is added by the workflow modules --------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m harness",
+        description="Benchmark and ablation harness for mixture-of-LoRA-experts fine-tuning.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("methods", help="list registered methods with their hyperparameters")
+    p.add_argument("--config", help="also load the plugins this study config names")
+    p.add_argument("--plugin", action="append", help="import path of a plugin to load")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("budget", help="parameter budget of every run a config defines (no weights)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--json", action="store_true", help="print JSON records instead of a table")
+    p.set_defaults(func=cmd_budget)
+
+    p = sub.add_parser("budget-table", help="write the budget table under <out_dir>/tables")
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=cmd_budget_table)
+
+    p = sub.add_parser("plan", help="list the run folders a config defines")
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=cmd_plan)
+
+    from harness import workflow_cli
+
+    workflow_cli.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except _user_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""The lm-eval model class for this harness: ``lm_eval --model moe-lora --model_args run_dir=<folder>``.
+
+Scores any run folder (a trained adapter, or the untrained base model) with
+lm-eval's own tokenisation rules (:class:`lm_eval.api.model.TemplateLM`). Each
+request is scored on the sequence ``(context + continuation)[:-1]``; sequences
+are deduplicated (all choices of a single-token multiple-choice question share
+one sequence: the context) and, when only the top layers are adapted, the frozen
+lower layers come from a cache shared by every run on the same prompts, so they
+are computed once per study instead of once per run. Both give exactly the
+numbers of a full-depth forward (tests/test_lm_model.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lm_eval.api.model import TemplateLM
+from tqdm.auto import tqdm
+
+
+class HarnessLM(TemplateLM):
+    """Registered in lm-eval's model registry as ``moe-lora`` by :mod:`harness.lm_eval_hook`."""
+
+    def __init__(
+        self,
+        run_dir: str | None = None,
+        batch_size: int | str = 64,
+        device: str = "auto",
+        lower_cache: bool | str = True,
+        threads: int | str | None = None,
+        **_: Any,
+    ):
+        super().__init__()
+        if run_dir is None:
+            raise ValueError(
+                "the moe-lora model needs a run folder: --model_args run_dir=<out_dir>/runs/<run id>"
+            )
+        from harness.run_model import load_run_model
+
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.run = load_run_model(run_dir, device=device if device not in (None, "None") else "auto")
+        self.model = self.run.model
+        self.tokenizer = self.run.tokenizer
+        self.device_ = next(self.model.parameters()).device
+        self.batch_size_ = 64 if batch_size in (None, "auto") else int(str(batch_size).split(":")[0])
+        self.use_cache = str(lower_cache).lower() not in ("false", "0", "no")
+        self.max_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+    # -- TemplateLM interface -----------------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        return self.tokenizer.encode(string, add_special_tokens=bool(add_special_tokens))
+
+    def get_model_info(self) -> dict[str, Any]:
+        spec = self.run.spec
+        return {
+            "harness_run_id": spec["run_id"],
+            "harness_method": spec["method"],
+            "harness_method_config": spec["method_config"],
+            "harness_base_model": spec["model"]["source"],
+        }
+
+    @torch.no_grad()
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        from harness.split import cached_lower, full_forward, logits_at, pad_batch, upper_forward
+
+        scored: list[tuple[tuple[int, ...], int, list[int]]] = []
+        for _, context_enc, continuation_enc in requests:
+            whole = (context_enc + continuation_enc)[-(self.max_length + 1) :]
+            seq = tuple(whole[:-1])
+            scored.append((seq, len(seq) - len(continuation_enc), continuation_enc))
+        unique = sorted({s for s, _, _ in scored}, key=lambda s: (len(s), s))
+        index = {s: i for i, s in enumerate(unique)}
+        start = self.run.split_start if self.use_cache else None
+        cache = None
+        if start is not None:
+            cache = cached_lower(
+                self.model,
+                self.run.fingerprint,
+                unique,
+                start,
+                self.tokenizer.pad_token_id,
+                self.run.cache_dir,
+                desc="lower layers (eval)",
+            )
+        # positions needed per unique sequence
+        wanted: dict[int, set[int]] = {}
+        for seq, first, cont in scored:
+            wanted.setdefault(index[seq], set()).update(range(first, first + len(cont)))
+        logprobs: dict[tuple[int, int], torch.Tensor] = {}
+        for b in tqdm(
+            range(0, len(unique), self.batch_size_),
+            desc=f"scoring {self.run.spec['run_id']}",
+            disable=disable_tqdm,
+            mininterval=2,
+        ):
+            ids = list(range(b, min(b + self.batch_size_, len(unique))))
+            if cache is not None:
+                hidden, mask = cache.batch(ids)
+                hidden = upper_forward(self.model, hidden.to(self.device_), mask.to(self.device_), start)
+            else:
+                tokens, mask = pad_batch([unique[i] for i in ids], self.tokenizer.pad_token_id)
+                hidden = full_forward(self.model, tokens.to(self.device_), mask.to(self.device_))
+            rows, cols, keys = [], [], []
+            for row, i in enumerate(ids):
+                for pos in sorted(wanted[i]):
+                    rows.append(row)
+                    cols.append(pos)
+                    keys.append((i, pos))
+            logits = logits_at(
+                self.model,
+                hidden,
+                torch.tensor(rows, device=self.device_),
+                torch.tensor(cols, device=self.device_),
+            )
+            for key, row in zip(keys, torch.log_softmax(logits.float(), dim=-1).cpu()):
+                logprobs[key] = row
+        results = []
+        for seq, first, cont in scored:
+            i = index[seq]
+            rows = [logprobs[(i, first + j)] for j in range(len(cont))]
+            ll = sum(float(r[t]) for r, t in zip(rows, cont))
+            greedy = all(int(r.argmax()) == t for r, t in zip(rows, cont))
+            results.append((ll, greedy))
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        raise NotImplementedError(
+            "the moe-lora model scores loglikelihood (multiple-choice) tasks; perplexity tasks "
+            "are not implemented"
+        )
+
+    @torch.no_grad()
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy decoding with the adapted model (full depth), stopping at ``until`` strings."""
+        out = []
+        for request in tqdm(requests, desc="generating", disable=disable_tqdm):
+            context, gen_kwargs = request.args
+            until = gen_kwargs.get("until") or [self.tokenizer.decode([self.eot_token_id])]
+            if isinstance(until, str):
+                until = [until]
+            max_new = int(gen_kwargs.get("max_gen_toks", 256))
+            ids = torch.tensor([self.tok_encode(context)], device=self.device_)
+            generated = self.model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+            text = self.tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True)
+            for stop in until:
+                if stop and stop in text:
+                    text = text.split(stop)[0]
+            out.append(text)
+        return out

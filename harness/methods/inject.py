@@ -1,0 +1,181 @@
+"""Putting adapters into a model and the handle the training loop talks to.
+
+:func:`apply_method` freezes the model, lets the method insert its layers,
+checks the method's analytic parameter count against the real trainable
+parameters (a plugin that miscounts is refused here, with both numbers), and
+returns an :class:`AdapterHandle`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from harness.methods.base import Method, MethodConfig, ParamCount, TargetShape
+
+
+class CountMismatchError(RuntimeError):
+    """A method's analytic parameter count disagrees with its real modules."""
+
+
+def replace_linears(
+    model: nn.Module, names: list[str], make: Callable[[nn.Linear], nn.Module]
+) -> None:
+    """Replace each named ``nn.Linear`` in ``model`` by ``make(linear)``."""
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        base = getattr(parent, child)
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"target module {name!r} is {type(base).__name__}, not nn.Linear")
+        setattr(parent, child, make(base))
+
+
+def trainable_numel(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class AdapterHandle:
+    """The adapted model plus the three training-loop calls, gathered over all layers.
+
+    * :meth:`aux_loss` — sum of every module's auxiliary loss (or ``None``);
+    * :meth:`after_optimizer_step` — call once after each optimizer step;
+    * :meth:`expert_load` — per layer, the share of the last batch each expert received.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: Method,
+        config: MethodConfig,
+        targets: list[TargetShape],
+    ):
+        self.model = model
+        self.method = method
+        self.config = config
+        self.targets = targets
+        self.hook_modules = {
+            name: module
+            for name, module in model.named_modules()
+            if callable(getattr(module, "after_optimizer_step", None))
+            and callable(getattr(module, "aux_loss", None))
+            and callable(getattr(module, "expert_load", None))
+        }
+
+    # -- counting ---------------------------------------------------------------------
+    def analytic_count(self) -> ParamCount:
+        return self.method.count_model(self.config, self.targets)
+
+    def trainable_numel(self) -> int:
+        return trainable_numel(self.model)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    # -- training-loop interface ------------------------------------------------------
+    def aux_loss(self) -> torch.Tensor | None:
+        losses = [m.aux_loss() for m in self.hook_modules.values()]
+        losses = [loss for loss in losses if loss is not None]
+        return torch.stack(losses).sum() if losses else None
+
+    def after_optimizer_step(self) -> None:
+        for module in self.hook_modules.values():
+            module.after_optimizer_step()
+
+    def expert_load(self) -> dict[str, list[float]]:
+        out = {}
+        for name, module in self.hook_modules.items():
+            load = module.expert_load()
+            if load is not None:
+                out[name] = [round(float(v), 6) for v in load]
+        return out
+
+    @contextlib.contextmanager
+    def token_mask(self, mask: torch.Tensor | None) -> Iterator[None]:
+        """Mark real tokens (``attention_mask``) for routers while a forward pass runs."""
+        flat = None if mask is None else mask.reshape(-1).bool()
+        modules = [m for m in self.model.modules() if hasattr(m, "token_mask")]
+        for m in modules:
+            m.token_mask = flat
+        try:
+            yield
+        finally:
+            for m in modules:
+                m.token_mask = None
+
+    # -- saving and loading -----------------------------------------------------------
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Trainable parameters and the buffers of adapter modules (e.g. SMoRA's bias)."""
+        state = {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+        adapter_modules = {n for n, m in self.model.named_modules() if _is_adapter_module(m)}
+        for name, buf in self.model.named_buffers():
+            owner = name.rpartition(".")[0]
+            if owner in adapter_modules and buf is not None:
+                state[name] = buf.detach()
+        return {k: v.contiguous().cpu() for k, v in state.items()}
+
+    def save(self, directory: str | Path, extra: dict[str, Any] | None = None) -> None:
+        from safetensors.torch import save_file
+
+        from harness.io import atomic_write_json
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / "adapter.safetensors.tmp"
+        save_file(self.adapter_state_dict(), str(tmp))
+        tmp.replace(directory / "adapter.safetensors")
+        atomic_write_json(
+            directory / "adapter.json",
+            {
+                "method": self.method.name,
+                "config": self.config.to_dict(),
+                "targets": [t.name for t in self.targets],
+                **(extra or {}),
+            },
+        )
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        own = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+        missing = sorted(set(self.adapter_state_dict()) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise KeyError(
+                f"adapter weights do not fit this model: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
+        with torch.no_grad():
+            for name, value in state.items():
+                own[name].copy_(value)
+
+
+def _is_adapter_module(module: nn.Module) -> bool:
+    from harness.methods.base import AdapterLayer
+
+    return isinstance(module, AdapterLayer) or type(module).__module__.startswith("peft.")
+
+
+def apply_method(
+    model: nn.Module, method: Method, config: MethodConfig, targets: list[TargetShape]
+) -> AdapterHandle:
+    """Freeze ``model``, insert the method's adapter on ``targets`` and check its count."""
+    model.requires_grad_(False)
+    method.apply(model, targets, config)
+    handle = AdapterHandle(model, method, config, targets)
+    analytic = handle.analytic_count().total
+    real = handle.trainable_numel()
+    if analytic != real:
+        raise CountMismatchError(
+            f"method {method.name!r} reports {analytic:,} trainable parameters but its modules "
+            f"hold {real:,} (difference {real - analytic:+,}); fix its count() so tables are honest"
+        )
+    return handle
+
+
+def load_adapter_config(directory: str | Path) -> dict[str, Any]:
+    return json.loads((Path(directory) / "adapter.json").read_text())

@@ -1,0 +1,189 @@
+"""Running a causal LM in two parts: frozen lower layers (computed once, cached) and the
+adapted upper layers (run every step).
+
+Only the top decoder layers carry adapters, so everything below the first
+adapted layer is a fixed function of the input tokens. :class:`LowerCache`
+stores the hidden states entering that layer for every training (or evaluation)
+sequence; :func:`upper_forward` runs the remaining layers from them. The
+result is the same computation as the full-depth forward, in the same order,
+so the numbers are identical (``tests/test_split.py`` checks bitwise equality).
+
+Logits are computed only where a loss or a score is needed (:func:`logits_at`):
+the output head (vocabulary x hidden) over every position is a large share of
+a CPU step otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from harness.modeling import decoder_layers
+
+
+@contextlib.contextmanager
+def layer_range(model: nn.Module, start: int, end: int, final_norm: bool) -> Iterator[None]:
+    """Temporarily keep only decoder layers ``start:end`` (and the final norm if asked)."""
+    inner = model.model
+    layers, norm = inner.layers, inner.norm
+    inner.layers = nn.ModuleList(list(layers)[start:end])
+    if not final_norm:
+        inner.norm = nn.Identity()
+    try:
+        yield
+    finally:
+        inner.layers = layers
+        inner.norm = norm
+
+
+def lower_forward(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int
+) -> torch.Tensor:
+    """Hidden states entering decoder layer ``start`` (the embeddings when ``start == 0``)."""
+    with layer_range(model, 0, start, final_norm=False):
+        out = model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state
+
+
+def upper_forward(
+    model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int
+) -> torch.Tensor:
+    """Final (normed) hidden states from the states entering layer ``start``."""
+    n = len(decoder_layers(model))
+    with layer_range(model, start, n, final_norm=True):
+        out = model.model(inputs_embeds=hidden, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state
+
+
+def full_forward(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    return model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+def logits_at(model: nn.Module, hidden: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Output-head logits at the positions ``(rows[i], cols[i])`` only: ``(len(rows), vocab)``."""
+    return model.lm_head(hidden[rows, cols])
+
+
+def pad_batch(
+    sequences: Sequence[Sequence[int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``(ids, attention_mask)``; right padding keeps every real token's
+    position, so causal attention gives real tokens the same values as unpadded."""
+    longest = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+class LowerCache:
+    """Hidden states entering layer ``start`` for a list of sequences (flat, with offsets)."""
+
+    def __init__(self, flat: torch.Tensor, offsets: torch.Tensor, start: int):
+        self.flat = flat
+        self.offsets = offsets
+        self.start = start
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded ``(hidden, attention_mask)`` for the given sequence indices."""
+        lengths = [int(self.offsets[i + 1] - self.offsets[i]) for i in indices]
+        longest = max(lengths)
+        hidden = self.flat.new_zeros((len(indices), longest, self.flat.shape[-1]))
+        mask = torch.zeros((len(indices), longest), dtype=torch.long)
+        for row, (i, n) in enumerate(zip(indices, lengths)):
+            hidden[row, :n] = self.flat[self.offsets[i] : self.offsets[i + 1]]
+            mask[row, :n] = 1
+        return hidden, mask
+
+    @classmethod
+    @torch.no_grad()
+    def build(
+        cls,
+        model: nn.Module,
+        sequences: Sequence[Sequence[int]],
+        start: int,
+        pad_id: int,
+        batch_size: int = 32,
+        desc: str = "lower layers",
+    ) -> LowerCache:
+        from tqdm.auto import tqdm
+
+        was_training = model.training
+        model.eval()
+        chunks: list[torch.Tensor | None] = [None] * len(sequences)
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        for b in tqdm(range(0, len(order), batch_size), desc=desc, mininterval=2, leave=False):
+            idx = order[b : b + batch_size]
+            ids, mask = pad_batch([sequences[i] for i in idx], pad_id)
+            hidden = lower_forward(model, ids, mask, start)
+            for row, i in enumerate(idx):
+                chunks[i] = hidden[row, : len(sequences[i])].clone()
+        model.train(was_training)
+        lengths = torch.tensor([0] + [len(s) for s in sequences])
+        return cls(torch.cat(chunks), torch.cumsum(lengths, 0), start)
+
+    def save(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(
+            {"flat": self.flat.contiguous(), "offsets": self.offsets},
+            str(tmp),
+            metadata={"start": str(self.start)},
+        )
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> LowerCache:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            start = int(f.metadata()["start"])
+            return cls(f.get_tensor("flat"), f.get_tensor("offsets"), start)
+
+
+def model_fingerprint(model_path: Path, dtype: torch.dtype) -> str:
+    """Identifies a checkpoint without hashing gigabytes: config, weight file names and sizes."""
+    parts = {"dtype": str(dtype), "config": (model_path / "config.json").read_text()}
+    parts["weights"] = sorted(
+        (p.name, p.stat().st_size) for p in model_path.glob("*.safetensors")
+    )
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cached_lower(
+    model: nn.Module,
+    fingerprint: str,
+    sequences: Sequence[Sequence[int]],
+    start: int,
+    pad_id: int,
+    cache_dir: Path,
+    desc: str,
+) -> LowerCache:
+    """Load the cache for these sequences if another job built it, else build and store it."""
+    from filelock import FileLock
+
+    key = hashlib.sha256(
+        json.dumps({"model": fingerprint, "start": start, "seqs": list(map(list, sequences))}).encode()
+    ).hexdigest()[:20]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / f"lower-{key}.safetensors"
+    with FileLock(str(path) + ".lock"):
+        if path.exists():
+            return LowerCache.load(path)
+        cache = LowerCache.build(model, sequences, start, pad_id, desc=desc)
+        cache.save(path)
+        return cache

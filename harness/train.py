@@ -1,0 +1,410 @@
+"""Training one run: the same loop, optimizer, schedule, batches and prompts for every method.
+
+The loop knows methods only through :class:`~harness.methods.inject.AdapterHandle`:
+the task loss (cross-entropy on the answer token(s), logits computed only there)
+plus ``handle.aux_loss()``, then ``handle.after_optimizer_step()`` once per
+step. Batches come in a fixed order derived from the seed alone, so every
+method sees the same data in the same order (paired comparisons across methods).
+
+Resumable: every ``checkpoint_every`` steps the adapter, optimizer, scheduler and
+RNG states are written atomically; a killed run continues from there and ends
+with the same numbers as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from harness.io import atomic_write_json, atomic_write_text, read_json
+from harness.methods import get_method
+from harness.methods.inject import AdapterHandle, apply_method
+
+LOG_LOAD_EVERY = 10
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message has the step, the run folder and the
+    last finite loss."""
+
+
+@dataclass
+class Example:
+    ids: list[int]
+    positions: list[int]  # where the answer token(s) are predicted
+    targets: list[int]
+    task: str
+
+
+def build_examples(tokenizer, items: list[dict[str, Any]], max_length: int) -> tuple[list[Example], int]:
+    """Tokenised training examples (prompt + answer), and how many were left-truncated."""
+    from harness.data.prompts import build_prompt, continuation
+    from harness.tokenize import encode_pair
+
+    examples, truncated = [], 0
+    for item in items:
+        context, answer = encode_pair(
+            tokenizer, build_prompt(item), continuation(item["choices"][item["label"]])
+        )
+        ids = context + answer
+        if len(ids) > max_length:
+            cut = len(ids) - max_length
+            if cut >= len(context):
+                raise ValueError(
+                    f"train.max_length = {max_length} leaves no room for the prompt of an item of "
+                    f"task {item.get('task')!r} ({len(context)} prompt + {len(answer)} answer tokens)"
+                )
+            ids, context = ids[cut:], context[cut:]
+            truncated += 1
+        start = len(context) - 1
+        examples.append(
+            Example(ids, [start + j for j in range(len(answer))], answer, item.get("task", "all"))
+        )
+    return examples, truncated
+
+
+def batch_schedule(n_examples: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """The example indices of optimizer step ``step``: a fresh permutation per epoch, from the
+    seed and the epoch alone (drop-last, so every batch has the same size)."""
+    per_epoch = n_examples // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"train.batch_size = {batch_size} exceeds the {n_examples} training examples")
+    epoch, index = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n_examples)
+    return order[index * batch_size : (index + 1) * batch_size].tolist()
+
+
+def total_steps(train_cfg: dict[str, Any], n_examples: int) -> int:
+    if train_cfg.get("steps"):
+        return int(train_cfg["steps"])
+    per_epoch = n_examples // train_cfg["batch_size"]
+    return max(1, math.ceil(train_cfg["epochs"] * per_epoch))
+
+
+def select_device(preference: str) -> torch.device:
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("model.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    if preference == "cpu":
+        return torch.device("cpu")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# -- checkpoints ---------------------------------------------------------------------------
+
+
+def _save_checkpoint(directory: Path, handle: AdapterHandle, optimizer, scheduler, step: int) -> None:
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(
+        {
+            "step": step,
+            "adapter": handle.adapter_state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+            },
+        },
+        tmp / "state.pt",
+    )
+    old = directory.with_name(directory.name + ".old")
+    if directory.exists():
+        directory.replace(old)
+    tmp.replace(directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(directory: Path, handle: AdapterHandle, optimizer, scheduler) -> int:
+    state = torch.load(directory / "state.pt", weights_only=False)
+    handle.load_state(state["adapter"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    return int(state["step"])
+
+
+# -- the loop ------------------------------------------------------------------------------
+
+
+class Batcher:
+    """Produces ``(hidden_or_ids, attention_mask, rows, cols, targets)`` for a batch."""
+
+    def __init__(self, examples: list[Example], cache, pad_id: int, device: torch.device):
+        self.examples = examples
+        self.cache = cache
+        self.pad_id = pad_id
+        self.device = device
+
+    def __call__(self, indices: list[int]):
+        from harness.split import pad_batch
+
+        if self.cache is not None:
+            inputs, mask = self.cache.batch(indices)
+        else:
+            inputs, mask = pad_batch([self.examples[i].ids for i in indices], self.pad_id)
+        rows, cols, targets = [], [], []
+        for row, i in enumerate(indices):
+            ex = self.examples[i]
+            rows += [row] * len(ex.positions)
+            cols += ex.positions
+            targets += ex.targets
+        as_tensor = lambda v: torch.tensor(v, dtype=torch.long, device=self.device)  # noqa: E731
+        return (
+            inputs.to(self.device),
+            mask.to(self.device),
+            as_tensor(rows),
+            as_tensor(cols),
+            as_tensor(targets),
+        )
+
+
+def answer_loss(model, handle: AdapterHandle, batch, start: int | None, autocast) -> torch.Tensor:
+    """Cross-entropy on the answer token(s); ``start`` is the cached split (None: full depth)."""
+    from harness.split import full_forward, logits_at, upper_forward
+
+    inputs, mask, rows, cols, targets = batch
+    with autocast, handle.token_mask(mask):
+        if start is None:
+            hidden = full_forward(model, inputs, mask)
+        else:
+            hidden = upper_forward(model, inputs, mask, start)
+        logits = logits_at(model, hidden, rows, cols)
+    return F.cross_entropy(logits.float(), targets)
+
+
+def train_run(
+    config: dict[str, Any],
+    run,
+    run_dir: Path,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Train one run into ``run_dir`` and return its summary (also written to ``train.json``).
+
+    ``stop_after`` ends the process early after that many steps (tests use it to
+    simulate a killed job; nothing final is written then).
+    """
+    from contextlib import nullcontext
+
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    from harness.data.jsonl import load_jsonl
+    from harness.modeling import (
+        adapted_layer_indices,
+        cache_root,
+        load_base_model,
+        resolve_model,
+        target_shapes,
+    )
+    from harness.provenance import provenance
+    from harness.split import cached_lower, model_fingerprint
+
+    wall_start = time.perf_counter()
+    train_cfg, model_cfg = config["train"], config["model"]
+    torch.set_num_threads(train_cfg["threads"])
+    seed_everything(run.seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    source = resolve_model(model_cfg, cache_root(config))
+    dtype = getattr(torch, model_cfg["dtype"])
+    device = select_device(model_cfg["device"])
+    model, tokenizer = load_base_model(source, dtype)
+    model.to(device)
+
+    data_dir = Path(config["out_dir"]) / "data"
+    items = load_jsonl(data_dir / "train.jsonl")
+    examples, truncated = build_examples(tokenizer, items, train_cfg["max_length"])
+
+    layer_ids = adapted_layer_indices(model, model_cfg["adapt_layers"])
+    targets = target_shapes(model, model_cfg["target_modules"], layer_ids)
+    start = min(layer_ids) if model_cfg["lower_layer_cache"] and min(layer_ids) > 0 else None
+    cache = None
+    t_cache = time.perf_counter()
+    if start is not None:
+        cache = cached_lower(
+            model,
+            model_fingerprint(source.path, dtype),
+            [e.ids for e in examples],
+            start,
+            tokenizer.pad_token_id,
+            cache_root(config) / "lower",
+            desc="lower layers (train)",
+        )
+    cache_seconds = time.perf_counter() - t_cache
+
+    method = get_method(run.method)
+    method_config = method.make_config(**run.method_config)
+    torch.manual_seed(run.seed)
+    handle = apply_method(model, method, method_config, targets)
+    model.to(device)
+    if train_cfg["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    n_steps = total_steps(train_cfg, len(examples))
+    optimizer = torch.optim.AdamW(
+        handle.trainable_parameters(), lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"]
+    )
+    scheduler = get_scheduler(
+        {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[train_cfg["schedule"]],
+        optimizer,
+        num_warmup_steps=min(train_cfg["warmup_steps"], n_steps),
+        num_training_steps=n_steps,
+    )
+
+    ckpt_dir = run_dir / "checkpoints" / "last"
+    log_path = run_dir / "train_log.jsonl"
+    first_step, resumed_from = 0, None
+    log_lines: list[str] = []
+    if (ckpt_dir / "state.pt").exists():
+        first_step = resumed_from = _load_checkpoint(ckpt_dir, handle, optimizer, scheduler)
+        if log_path.exists():
+            log_lines = [
+                line for line in log_path.read_text().splitlines()
+                if line and json.loads(line)["step"] < first_step
+            ]
+    elif log_path.exists():
+        log_path.unlink()
+
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda" and model_cfg["dtype"] != "float32"
+        else nullcontext()
+    )
+    batcher = Batcher(examples, cache, tokenizer.pad_token_id, device)
+    model.train()
+    last_finite = None
+    step_times: list[float] = []
+    losses: list[float] = []
+    with open(log_path, "w") as log:
+        for line in log_lines:
+            log.write(line + "\n")
+        bar = tqdm(
+            range(first_step, n_steps),
+            initial=first_step,
+            total=n_steps,
+            desc=run.run_id,
+            disable=not progress,
+            mininterval=2,
+            dynamic_ncols=True,
+        )
+        for step in bar:
+            t0 = time.perf_counter()
+            batch = batcher(batch_schedule(len(examples), train_cfg["batch_size"], run.seed, step))
+            loss = answer_loss(model, handle, batch, start, autocast)
+            aux = handle.aux_loss()
+            total = loss if aux is None else loss + aux
+            if not torch.isfinite(total):
+                raise TrainingDiverged(
+                    f"run {run.run_id}: the loss became {float(total)} at step {step} "
+                    f"(run folder {run_dir}); last finite loss: {last_finite}. No metrics were "
+                    "written; lower train.lr or check the method."
+                )
+            total.backward()
+            grad_norm = None
+            if train_cfg["max_grad_norm"]:
+                grad_norm = float(
+                    torch.nn.utils.clip_grad_norm_(handle.trainable_parameters(), train_cfg["max_grad_norm"])
+                )
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            handle.after_optimizer_step()
+            dt = time.perf_counter() - t0
+            last_finite = float(loss)
+            step_times.append(dt)
+            losses.append(float(loss))
+            record = {
+                "step": step,
+                "loss": round(float(loss), 6),
+                "aux_loss": None if aux is None else round(float(aux), 6),
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": None if grad_norm is None else round(grad_norm, 6),
+                "step_time": round(dt, 4),
+            }
+            if step % LOG_LOAD_EVERY == 0 or step == n_steps - 1:
+                record["expert_load"] = handle.expert_load() or None
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
+            done = step + 1
+            every = train_cfg["checkpoint_every"]
+            if every and done % every == 0 and done < n_steps:
+                _save_checkpoint(ckpt_dir, handle, optimizer, scheduler, done)
+            if stop_after is not None and done - first_step >= stop_after:
+                return {"stopped_at": done}
+        bar.close()
+
+    handle.save(run_dir / "adapter", extra={"run_id": run.run_id, "base_model": str(source.path)})
+    all_losses = [json.loads(line)["loss"] for line in log_path.read_text().splitlines()]
+    count = handle.analytic_count()
+    summary = {
+        "run_id": run.run_id,
+        "method": run.method,
+        "variant": run.tag,
+        "granularity": run.granularity,
+        "seed": run.seed,
+        "steps": n_steps,
+        "batch_size": train_cfg["batch_size"],
+        "examples": len(examples),
+        "truncated_examples": truncated,
+        "final_loss": round(statistics.fmean(all_losses[-10:]), 6),
+        "first_loss": all_losses[0],
+        "params": {
+            "total": count.total,
+            "activated": count.activated,
+            "router": count.router,
+            "trainable_numel": handle.trainable_numel(),
+        },
+        "method_config": run.method_config,
+        "lower_layer_cache": {
+            "enabled": start is not None,
+            "split_layer": start,
+            "seconds": round(cache_seconds, 3),
+        },
+        "resumed_from_step": resumed_from,
+        "timing": {
+            "wall_s": round(time.perf_counter() - wall_start, 3),
+            "train_loop_s": round(sum(step_times), 3),
+            "median_step_s": round(statistics.median(step_times), 4) if step_times else None,
+        },
+        "device": str(device),
+        "effective_config": run.effective,
+        "provenance": provenance(),
+    }
+    atomic_write_json(run_dir / "train.json", summary)
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    return summary
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    return read_json(run_dir / "train.json")
+
+
+__all__ = ["TrainingDiverged", "atomic_write_text", "train_run"]
