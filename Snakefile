@@ -17,6 +17,7 @@ from harness.snakemake_support import load_study
 
 
 CONFIG_PATH, STUDY, PLAN = load_study(workflow, config)
+report: "workflow/report/workflow.rst"
 OUT = STUDY["out_dir"]
 TRAINED = [run.run_id for run in PLAN.trained_runs]
 ALL_RUNS = [run.run_id for run in PLAN.runs]
@@ -35,39 +36,35 @@ def train_outputs(wildcards):
 rule all:
     input:
         f"{OUT}/summary.csv",
-        f"{OUT}/tables/budget.csv",
+        lambda wildcards: [*rules.tables.output, *rules.figures.output],
+
+
+include: "workflow/rules/report.smk"
+
 
 
 rule data:
     output:
         train=f"{OUT}/data/train.jsonl",
         summary=f"{OUT}/data/data_summary.json",
+    params:
+        config=CONFIG_PATH,
     log:
         f"{OUT}/logs/data.log",
     conda:
         "envs/harness.yaml"
     shell:
-        "python -m harness data --config {CONFIG_PATH:q} > {log:q} 2>&1"
-
-
-rule budget:
-    output:
-        csv=f"{OUT}/tables/budget.csv",
-        md=f"{OUT}/tables/budget.md",
-    log:
-        f"{OUT}/logs/budget.log",
-    conda:
-        "envs/harness.yaml"
-    shell:
-        "python -m harness budget-table --config {CONFIG_PATH:q} > {log:q} 2>&1"
+        "python -m harness data --config {params.config:q} > {log:q} 2>&1"
 
 
 rule train:
     input:
-        rules.data.output.train,
+        ancient(rules.data.output.train),
     output:
         summary=protected(f"{OUT}/runs/{{run}}/train.json"),
         log=f"{OUT}/runs/{{run}}/train_log.jsonl",
+    params:
+        config=CONFIG_PATH,
     log:
         f"{OUT}/logs/train/{{run}}.log",
     threads: 1
@@ -76,16 +73,18 @@ rule train:
     conda:
         "envs/harness.yaml"
     shell:
-        "python -m harness train --config {CONFIG_PATH:q} --run {wildcards.run} > {log:q} 2>&1"
+        "python -m harness train --config {params.config:q} --run {wildcards.run} > {log:q} 2>&1"
 
 
 rule evaluate:
     input:
-        rules.data.output.summary,
-        train_outputs,
+        ancient(rules.data.output.summary),
+        ancient(train_outputs),
     output:
         metrics=protected(f"{OUT}/runs/{{run}}/metrics.json"),
         lm_eval=f"{OUT}/runs/{{run}}/lm_eval_results.json",
+    params:
+        config=CONFIG_PATH,
     log:
         f"{OUT}/logs/evaluate/{{run}}.log",
     threads: 1
@@ -94,7 +93,7 @@ rule evaluate:
     conda:
         "envs/harness.yaml"
     shell:
-        "python -m harness evaluate --config {CONFIG_PATH:q} --run {wildcards.run} > {log:q} 2>&1"
+        "python -m harness evaluate --config {params.config:q} --run {wildcards.run} > {log:q} 2>&1"
 
 
 rule summary:
@@ -103,9 +102,11 @@ rule summary:
     output:
         csv=f"{OUT}/summary.csv",
         md=f"{OUT}/summary.md",
+    params:
+        config=CONFIG_PATH,
     log:
         f"{OUT}/logs/summary.log",
     conda:
         "envs/harness.yaml"
     shell:
-        "python -m harness summary --config {CONFIG_PATH:q} > {log:q} 2>&1"
+        "python -m harness summary --config {params.config:q} > {log:q} 2>&1"

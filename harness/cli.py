@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 USER_ERRORS: tuple[type[BaseException], ...] = ()
 
@@ -20,6 +19,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from harness.methods import BudgetError, PluginError, UnknownMethodError
     from harness.methods.inject import CountMismatchError
     from harness.modeling import ModelSourceError
+    from harness.summary import MissingResultsError
 
     errors: list[type[BaseException]] = [
         ConfigError,
@@ -28,6 +28,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         UnknownMethodError,
         CountMismatchError,
         ModelSourceError,
+        MissingResultsError,
     ]
     try:
         from harness.data.jsonl import DataError
@@ -114,25 +115,6 @@ def cmd_budget(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_budget_table(args: argparse.Namespace) -> int:
-    """Write the budget table (CSV and Markdown) under ``<out_dir>/tables``."""
-    from harness.budget import verify_counts
-    from harness.config import load_config
-    from harness.io import atomic_write_text
-    from harness.report import budget_frame
-    from harness.study import load_methods, plan_study
-
-    config = load_config(args.config)
-    plan = plan_study(config)
-    verify_counts(plan.rows, {m.name: m for m, _ in load_methods(config)}, plan.shapes)
-    frame = budget_frame(plan)
-    out = Path(config["out_dir"]) / "tables"
-    atomic_write_text(out / "budget.csv", frame.to_csv(index=False))
-    atomic_write_text(out / "budget.md", frame.to_markdown(index=False) + "\n")
-    print(f"wrote {out / 'budget.csv'} and budget.md ({len(frame)} rows)")
-    return 0
-
-
 def cmd_plan(args: argparse.Namespace) -> int:
     from harness.config import load_config
     from harness.study import plan_study
@@ -164,17 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON records instead of a table")
     p.set_defaults(func=cmd_budget)
 
-    p = sub.add_parser("budget-table", help="write the budget table under <out_dir>/tables")
-    p.add_argument("--config", required=True)
-    p.set_defaults(func=cmd_budget_table)
-
     p = sub.add_parser("plan", help="list the run folders a config defines")
     p.add_argument("--config", required=True)
     p.set_defaults(func=cmd_plan)
 
-    from harness import workflow_cli
+    from harness import report_cli, workflow_cli
 
     workflow_cli.add_commands(sub)
+    report_cli.add_commands(sub)
     return parser
 
 

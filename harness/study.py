@@ -1,7 +1,7 @@
 """From a validated config to the list of runs: budget rows x seeds, each with its folder name.
 
 A run's folder name carries the method, its variant (granularity ``G8``, or
-``G1r16`` for a LoRA reference of rank 16), the seed and a short hash of the
+``r16`` for a LoRA reference of rank 16), the seed and a short hash of the
 run's *effective* config (everything that can change its numbers), so a changed
 setting never lands in an old folder.
 """

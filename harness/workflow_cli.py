@@ -61,7 +61,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_summary(args: argparse.Namespace) -> int:
     from harness.summary import write_summary
 
-    config, plan = _plan(args.config)
+    _, plan = _plan(args.config)
     frame = write_summary(plan)
     print(frame.to_string(index=False))
     return 0

@@ -25,7 +25,7 @@ BUILTIN_MODULES = (
     "harness.methods.smora",
     "harness.methods.malora",
 
-    
+
 )
 
 _methods: dict[str, Method] = {}
@@ -86,9 +86,13 @@ def _ensure_loaded() -> None:
 def _register_loaded(obj: object, where: str) -> None:
     from harness.methods.base import Method
 
-    if isinstance(obj, type) and issubclass(obj, Method) and obj.__dict__.get("name"):
-        if _methods.get(obj.name).__class__ is not obj:
-            register(obj)
+    if (
+        isinstance(obj, type)
+        and issubclass(obj, Method)
+        and obj.__dict__.get("name")
+        and _methods.get(obj.name).__class__ is not obj
+    ):
+        register(obj)
 
 
 def load_plugin(path: str) -> list[str]:

@@ -1,0 +1,169 @@
+"""The data step: a config's ``data`` section -> train JSONL, lm-eval task folder, summary.
+
+``prepare_data(data_cfg, out_dir)`` accepts either
+
+* ``{"source": "generated", "seed": 1234, "tasks": [...], "train_per_task": 256,
+  "test_per_task": 100}`` (``tasks`` optional: all of :data:`harness.data.suite.TASKS`), or
+* ``{"source": "jsonl", "train": "path/train.jsonl", "test": "path/test.jsonl"}``
+  (optional ``tasks`` keeps only those tasks; test items are grouped into lm-eval
+  tasks by their ``task`` field; items without one get the test file's stem, in
+  both files, so train and test tasks line up). ``seed``, ``train_per_task`` and
+  ``test_per_task`` (which the config loader fills in as defaults) are ignored here.
+
+and writes into ``out_dir``::
+
+    train.jsonl          every training item, with its task
+    tasks/               the lm-eval task folder (harness.data.lm_eval_tasks)
+    data_summary.json    source, seed, counts and label histograms per task per
+                         split, sha256 of train.jsonl and of every test file,
+                         the group and the lm-eval task names
+
+Every file is written atomically and only when its content changed, so a rerun
+with the same config leaves all mtimes alone. Returns the summary dict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from harness.data.jsonl import DataError, load_jsonl, write_jsonl
+from harness.data.lm_eval_tasks import write_task_folder
+from harness.data.suite import TASKS, generate_suite
+from harness.io import write_if_changed
+
+SOURCES = ("generated", "jsonl")
+GENERATED_KEYS = ("source", "seed", "tasks", "train_per_task", "test_per_task")
+JSONL_KEYS = ("source", "train", "test", "tasks")
+# Filled in by the config loader's schema defaults whatever the source; unused for jsonl.
+_JSONL_IGNORED = ("seed", "train_per_task", "test_per_task")
+SUITE_PREFIX = "moelora"
+SUMMARY_NAME = "data_summary.json"
+
+
+def _check_config(data_cfg: dict[str, Any]) -> str:
+    if not isinstance(data_cfg, dict):
+        raise ValueError(f"data config must be a mapping, got {type(data_cfg).__name__}")
+    if "source" not in data_cfg:
+        raise ValueError(f"data config is missing key 'source' (valid: {', '.join(SOURCES)})")
+    source = data_cfg["source"]
+    if source not in SOURCES:
+        raise ValueError(f"data.source must be one of: {', '.join(SOURCES)} (got {source!r})")
+    valid = GENERATED_KEYS if source == "generated" else JSONL_KEYS + _JSONL_IGNORED
+    unknown = [k for k in data_cfg if k not in valid]
+    if unknown:
+        shown = GENERATED_KEYS if source == "generated" else JSONL_KEYS
+        raise ValueError(
+            f"unknown data key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+            f"for source {source!r} (valid keys: {', '.join(shown)})"
+        )
+    if source == "jsonl":
+        for key in ("train", "test"):
+            if key not in data_cfg:
+                raise ValueError(
+                    f"data config with source 'jsonl' is missing key {key!r} "
+                    f"(a path to a JSONL file; required keys: train, test)"
+                )
+            if not isinstance(data_cfg[key], (str, Path)) or not str(data_cfg[key]):
+                raise ValueError(
+                    f"data.{key} must be a path to a JSONL file, got {data_cfg[key]!r}"
+                )
+    return source
+
+
+def _select_tasks(items: list[dict], tasks: list[str] | None, split: str, path: Path) -> list[dict]:
+    if tasks is None:
+        return items
+    if isinstance(tasks, str) or not list(tasks):
+        raise ValueError(f"data.tasks must be a non-empty list of task names, got {tasks!r}")
+    found = list(dict.fromkeys(it["task"] for it in items))
+    missing = [t for t in tasks if t not in found]
+    if missing:
+        raise ValueError(
+            f"data.tasks names {', '.join(map(repr, missing))}, which {path} ({split}) does not "
+            f"have (tasks there: {', '.join(found)})"
+        )
+    keep = set(tasks)
+    return [it for it in items if it["task"] in keep]
+
+
+def _counts(items: list[dict]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for it in items:
+        counts[it["task"]] = counts.get(it["task"], 0) + 1
+    return counts
+
+
+def _label_histogram(items: list[dict]) -> dict[str, list[int]]:
+    """task -> count of each label value (list index = label)."""
+    hist: dict[str, list[int]] = {}
+    for it in items:
+        h = hist.setdefault(it["task"], [])
+        width = max(len(it["choices"]), it["label"] + 1)
+        h.extend([0] * (width - len(h)))
+        h[it["label"]] += 1
+    return hist
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def prepare_data(data_cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """Write ``train.jsonl``, ``tasks/`` and ``data_summary.json`` into ``out_dir`` and
+    return the summary (see the module docstring)."""
+    source = _check_config(data_cfg)
+    out_dir = Path(out_dir)
+    summary: dict[str, Any] = {"source": source}
+    if source == "generated":
+        seed = data_cfg.get("seed", 1234)
+        tasks = data_cfg.get("tasks")
+        train_per_task = data_cfg.get("train_per_task", 256)
+        test_per_task = data_cfg.get("test_per_task", 100)
+        suite = generate_suite(seed, tasks, train_per_task, test_per_task)
+        train, test = suite["train"], suite["test"]
+        summary |= {
+            "seed": seed,
+            "train_per_task": train_per_task,
+            "test_per_task": test_per_task,
+        }
+    else:
+        train_path, test_path = Path(data_cfg["train"]), Path(data_cfg["test"])
+        test = load_jsonl(test_path)  # default task: the test file's stem ...
+        train = load_jsonl(train_path, default_task=test_path.stem)  # ... for both files
+        tasks = data_cfg.get("tasks")
+        test = _select_tasks(test, tasks, "test", test_path)
+        train = _select_tasks(train, tasks, "train", train_path)
+        summary |= {
+            "seed": None,
+            "train_file": str(train_path),
+            "test_file": str(test_path),
+            "source_sha256": {"train": _sha256(train_path), "test": _sha256(test_path)},
+        }
+    if not train:
+        raise DataError(f"no training items for data config {data_cfg!r}")
+
+    train_file = out_dir / "train.jsonl"
+    write_jsonl(train, train_file)
+    folder = write_task_folder(test, out_dir / "tasks", prefix=SUITE_PREFIX)
+    test_files = {t: f"tasks/{rel}" for t, rel in folder["data_files"].items()}
+    summary |= {
+        "group": folder["group"],
+        "tasks": folder["tasks"],
+        "suite_tasks": folder["suite_tasks"],
+        "families": {t: TASKS[t].family for t in folder["suite_tasks"]}
+        if source == "generated"
+        else None,
+        "train_counts": _counts(train),
+        "test_counts": _counts(test),
+        "label_histogram": {"train": _label_histogram(train), "test": _label_histogram(test)},
+        "files": {"train": "train.jsonl", "task_folder": "tasks", "test": test_files},
+        "sha256": {
+            "train.jsonl": _sha256(train_file),
+            **{rel: _sha256(out_dir / rel) for rel in test_files.values()},
+        },
+    }
+    write_if_changed(out_dir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
+    return summary

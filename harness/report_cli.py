@@ -1,0 +1,78 @@
+"""``python -m harness tables`` and ``python -m harness figures``: rebuild the study's tables
+(:mod:`harness.aggregate`) and figures (:mod:`harness.figures`) from stored run results.
+
+Both read only the run folders under ``{out_dir}/runs`` (and solve the budget from the
+config); neither trains nor evaluates. A run without its results stops the command
+with a message naming every missing run and file (exit status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _plan(config_path: str):
+    from harness.config import load_config
+    from harness.study import plan_study
+
+    return plan_study(load_config(config_path))
+
+
+def _report(paths: list[Path], what: str) -> None:
+    print(f"wrote {len(paths)} {what} file(s):")
+    for path in paths:
+        print(f"  {path}")
+
+
+def cmd_tables(args: argparse.Namespace) -> int:
+    from harness.aggregate import MissingResultsError, write_tables
+
+    plan = _plan(args.config)
+    try:
+        paths = write_tables(plan, args.out, verify=not args.no_verify)
+    except MissingResultsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    _report(paths, "table")
+    return 0
+
+
+def cmd_figures(args: argparse.Namespace) -> int:
+    from harness.aggregate import MissingResultsError
+    from harness.figures import write_figures
+
+    plan = _plan(args.config)
+    try:
+        paths = write_figures(plan, args.out)
+    except MissingResultsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    _report(paths, "figure")
+    return 0
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser(
+        "tables",
+        help="main, budget, significance and provenance tables from stored results "
+        "(CSV, Markdown, LaTeX) under <out_dir>/tables",
+    )
+    p.add_argument("--config", required=True)
+    p.add_argument("--out", default=None, help="write under this folder instead of out_dir")
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip checking the budget counts against layers built on the meta device",
+    )
+    p.set_defaults(func=cmd_tables)
+
+    p = sub.add_parser(
+        "figures",
+        help="granularity, parameters, per-task, expert-load and training-curve figures "
+        "from stored results (PNG, PDF) under <out_dir>/figures",
+    )
+    p.add_argument("--config", required=True)
+    p.add_argument("--out", default=None, help="write under this folder instead of out_dir")
+    p.set_defaults(func=cmd_figures)
