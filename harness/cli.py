@@ -19,6 +19,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from harness.methods import BudgetError, PluginError, UnknownMethodError
     from harness.methods.inject import CountMismatchError
     from harness.modeling import ModelSourceError
+    from harness.run_model import RunFolderConflict
     from harness.summary import MissingResultsError
 
     errors: list[type[BaseException]] = [
@@ -29,6 +30,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         CountMismatchError,
         ModelSourceError,
         MissingResultsError,
+        RunFolderConflict,
     ]
     try:
         from harness.data.jsonl import DataError
@@ -108,9 +110,14 @@ def cmd_budget(args: argparse.Namespace) -> int:
         print(json.dumps(frame.to_dict(orient="records"), indent=2, default=str))
     else:
         print(budget_table_text(plan, frame))
-    bad = frame[frame["verified"] == False]  # noqa: E712
-    if len(bad):
-        print(f"count check FAILED for: {', '.join(bad['run'])}", file=sys.stderr)
+    bad = [row for row in plan.rows if row.verified_total is not None and row.verified_total != row.counts.total]
+    if bad:
+        details = "; ".join(
+            f"{row.method} {row.variant.tag}: the method reports total {row.counts.total:,} but its "
+            f"modules hold {row.verified_total:,} trainable parameters"
+            for row in bad
+        )
+        print(f"error: parameter count check failed: {details}", file=sys.stderr)
         return 1
     return 0
 

@@ -93,7 +93,9 @@ def validate_config(raw: dict[str, Any], source: str = "config") -> dict[str, An
         # the deepest error of a oneOf is usually the useful one
         error = errors[0]
         if error.context:
-            error = max(error.context, key=lambda e: len(e.absolute_path))
+            # a branch that failed only on type is the wrong branch for this value
+            candidates = [e for e in error.context if e.validator != "type"] or error.context
+            error = max(candidates, key=lambda e: len(e.absolute_path))
         raise ConfigError(_describe(error, source))
     _check_semantics(config, source)
     return config

@@ -33,9 +33,30 @@ def write_run_spec(config: dict[str, Any], run, run_dir: Path) -> dict[str, Any]
     }
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "run.json"
-    if not path.exists() or read_json(path) != spec:
-        atomic_write_json(path, spec)
+    if path.exists():
+        old = read_json(path)
+        if old.get("effective_config") != spec["effective_config"]:
+            raise RunFolderConflict(
+                f"{run_dir} already holds a run with a different effective config "
+                f"({_first_difference(old.get('effective_config'), spec['effective_config'])}); "
+                "it is never overwritten. Move or delete that folder by hand if it is obsolete."
+            )
+        if old == spec:
+            return spec
+    atomic_write_json(path, spec)
     return spec
+
+
+class RunFolderConflict(RuntimeError):
+    """A run folder exists but holds a different run: refuse instead of overwriting it."""
+
+
+def _first_difference(old: Any, new: Any, path: str = "") -> str:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                return _first_difference(old.get(key), new.get(key), f"{path}.{key}" if path else key)
+    return f"{path or 'config'}: stored {old!r}, now {new!r}"
 
 
 @dataclass

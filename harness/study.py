@@ -21,10 +21,11 @@ from harness.config import method_entries
 from harness.methods import get_method, load_plugin
 from harness.methods.base import TargetShape
 
-#: settings that change where or how fast things run, not what is computed
+#: settings that change where or how fast things run, not what is computed (device and
+#: thread count can still move the last bits of floating-point results)
 _EXECUTION_ONLY = {
     "model": ("config_json", "device", "lower_layer_cache"),
-    "train": ("seeds", "checkpoint_every"),
+    "train": ("seeds", "checkpoint_every", "threads"),
     "eval": ("include_base", "batch_size"),
 }
 

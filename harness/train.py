@@ -109,10 +109,15 @@ def seed_everything(seed: int) -> None:
 # -- checkpoints ---------------------------------------------------------------------------
 
 
-def _save_checkpoint(directory: Path, handle: AdapterHandle, optimizer, scheduler, step: int) -> None:
+def _save_checkpoint(
+    directory: Path, handle: AdapterHandle, optimizer, scheduler, step: int, log_path: Path
+) -> None:
+    """Everything needed to continue bit-for-bit: adapter, optimizer, scheduler, RNGs and
+    the training log so far (a rerun may delete the declared log output of a killed job)."""
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    shutil.copyfile(log_path, tmp / "train_log.jsonl")
     torch.save(
         {
             "step": step,
@@ -239,6 +244,13 @@ def train_run(
     model.to(device)
 
     data_dir = Path(config["out_dir"]) / "data"
+    if not (data_dir / "train.jsonl").exists():
+        from harness.data.jsonl import DataError
+
+        raise DataError(
+            f"{data_dir / 'train.jsonl'}: file not found; write the study's data first "
+            "(`python -m harness data --config <config>`, or let snakemake run the data rule)"
+        )
     items = load_jsonl(data_dir / "train.jsonl")
     examples, truncated = build_examples(tokenizer, items, train_cfg["max_length"])
 
@@ -284,11 +296,10 @@ def train_run(
     log_lines: list[str] = []
     if (ckpt_dir / "state.pt").exists():
         first_step = resumed_from = _load_checkpoint(ckpt_dir, handle, optimizer, scheduler)
-        if log_path.exists():
-            log_lines = [
-                line for line in log_path.read_text().splitlines()
-                if line and json.loads(line)["step"] < first_step
-            ]
+        log_lines = [
+            line for line in (ckpt_dir / "train_log.jsonl").read_text().splitlines()
+            if line and json.loads(line)["step"] < first_step
+        ]
     elif log_path.exists():
         log_path.unlink()
 
@@ -337,13 +348,14 @@ def train_run(
             optimizer.zero_grad(set_to_none=True)
             handle.after_optimizer_step()
             dt = time.perf_counter() - t0
-            last_finite = float(loss)
+            loss_value = float(loss.detach())
+            last_finite = round(loss_value, 6)
             step_times.append(dt)
-            losses.append(float(loss))
+            losses.append(loss_value)
             record = {
                 "step": step,
-                "loss": round(float(loss), 6),
-                "aux_loss": None if aux is None else round(float(aux), 6),
+                "loss": round(loss_value, 6),
+                "aux_loss": None if aux is None else round(float(aux.detach()), 6),
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": None if grad_norm is None else round(grad_norm, 6),
                 "step_time": round(dt, 4),
@@ -352,11 +364,11 @@ def train_run(
                 record["expert_load"] = handle.expert_load() or None
             log.write(json.dumps(record) + "\n")
             log.flush()
-            bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
+            bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
             done = step + 1
             every = train_cfg["checkpoint_every"]
             if every and done % every == 0 and done < n_steps:
-                _save_checkpoint(ckpt_dir, handle, optimizer, scheduler, done)
+                _save_checkpoint(ckpt_dir, handle, optimizer, scheduler, done, log_path)
             if stop_after is not None and done - first_step >= stop_after:
                 return {"stopped_at": done}
         bar.close()

@@ -15,6 +15,16 @@ def _plan(config_path: str):
     return config, plan_study(config)
 
 
+def _refuse_to_overwrite(result: Path, what: str) -> None:
+    from harness.run_model import RunFolderConflict
+
+    if result.exists():
+        raise RunFolderConflict(
+            f"{result} exists: this run is already {what} and its results are never "
+            "overwritten. Delete that file (or the run folder) by hand to redo it."
+        )
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from harness.config import load_config
     from harness.data.prepare import prepare_data
@@ -36,6 +46,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"{run.run_id} is the untrained base model: nothing to train", file=sys.stderr)
         return 2
     run_dir = plan.run_dir(run)
+    _refuse_to_overwrite(run_dir / "train.json", "trained")
     write_run_spec(config, run, run_dir)
     summary = train_run(config, run, run_dir, progress=not args.quiet, stop_after=args.stop_after)
     if "stopped_at" in summary:
@@ -53,6 +64,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     config, plan = _plan(args.config)
     run = plan.run(args.run)
+    _refuse_to_overwrite(plan.run_dir(run) / "metrics.json", "evaluated")
     metrics = evaluate_run(config, run, plan.run_dir(run), progress=not args.quiet)
     print(f"{run.run_id}: suite acc {metrics['suite_acc']:.4f}")
     return 0
