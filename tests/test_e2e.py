@@ -1,0 +1,214 @@
+"""End to end: the smoke config through Snakemake in a temporary folder, then the lm-eval
+model class checked on its run folders (command-line reproduction, lower-layer cache
+exactness, tokenisation shared by training and evaluation)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN_FILES = ("run.json", "train.json", "train_log.jsonl", "metrics.json", "lm_eval_results.json")
+TABLES = ("main_table", "budget_table", "significance")
+FIGURES = ("granularity", "params_vs_acc", "task_heatmap", "expert_load", "training_curves")
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
+
+
+def _snakemake(args, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(cwd), *args],
+        cwd=cwd,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """The smoke study, run once for this module: ``(folder, config, plan)``."""
+    from harness.config import load_config
+    from harness.study import plan_study
+
+    folder = tmp_path_factory.mktemp("smoke")
+    config = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())
+    config["out_dir"] = "out"
+    path = folder / "smoke.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    result = _snakemake(["--cores", "2", "--configfile", str(path)], folder)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    cwd = Path.cwd()
+    os.chdir(folder)
+    try:
+        plan = plan_study(load_config(path))
+    finally:
+        os.chdir(cwd)
+    return folder, path, plan
+
+
+def test_every_expected_file_exists_and_the_table_has_one_finite_score_per_run(smoke):
+    folder, _, plan = smoke
+    out = folder / "out"
+    assert (out / "data" / "train.jsonl").stat().st_size > 0
+    for run in plan.runs:
+        run_dir = out / "runs" / run.run_id
+        expected = ("run.json", "metrics.json", "lm_eval_results.json") if run.is_base else RUN_FILES
+        for name in expected:
+            assert (run_dir / name).stat().st_size > 0, f"{run.run_id}/{name}"
+        if not run.is_base:
+            assert any((run_dir / "adapter").iterdir())
+            assert not (run_dir / "checkpoints").exists()
+
+    summary = pd.read_csv(out / "summary.csv")
+    assert sorted(summary["run_id"]) == sorted(r.run_id for r in plan.runs)
+    assert all(math.isfinite(v) and 0 <= v <= 1 for v in summary["suite_acc"])
+    for run in plan.runs:
+        metrics = json.loads((out / "runs" / run.run_id / "metrics.json").read_text())
+        row = summary[summary["run_id"] == run.run_id].iloc[0]
+        assert row["suite_acc"] == pytest.approx(metrics["suite_acc"])
+        tasks = metrics["tasks"]
+        assert len(tasks) == 6
+        assert metrics["suite_acc"] == pytest.approx(sum(t["acc"] for t in tasks.values()) / 6)
+
+    for table in TABLES:
+        for ext in ("csv", "md", "tex"):
+            assert (out / "tables" / f"{table}.{ext}").stat().st_size > 0
+    for figure in FIGURES:
+        for ext in ("png", "pdf"):
+            assert (out / "figures" / f"{figure}.{ext}").stat().st_size > 1000
+
+
+def test_training_logs_hold_loss_aux_loss_expert_load_and_step_time(smoke):
+    folder, _, plan = smoke
+    config = plan.config
+    for run in plan.trained_runs:
+        records = [json.loads(line) for line in (folder / "out" / "runs" / run.run_id / "train_log.jsonl").open()]
+        assert [r["step"] for r in records] == list(range(len(records)))
+        assert all(math.isfinite(r["loss"]) and r["step_time"] > 0 for r in records)
+        if run.method in ("sira", "smora", "molora"):
+            loads = [r["expert_load"] for r in records if r.get("expert_load")]
+            assert loads, run.run_id
+            for per_layer in loads[0].values():
+                assert len(per_layer) == run.granularity
+                assert sum(per_layer) == pytest.approx(1.0, abs=1e-4)
+        if run.method == "sira":
+            assert all(r["aux_loss"] is not None for r in records)
+    assert config["train"]["steps"] == len(records)
+
+
+def test_an_unchanged_rerun_does_no_work(smoke):
+    folder, path, _ = smoke
+    dry = _snakemake(["-n", "--cores", "2", "--configfile", str(path)], folder)
+    assert dry.returncode == 0
+    assert "Nothing to be done" in dry.stdout + dry.stderr
+
+
+def test_lm_eval_command_line_reproduces_the_stored_score(smoke, tmp_path):
+    folder, _, plan = smoke
+    run = next(r for r in plan.trained_runs if r.method == "smora")
+    run_dir = folder / "out" / "runs" / run.run_id
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "lm_eval",
+            "--model", "moe-lora",
+            "--model_args", f"run_dir={run_dir}",
+            "--tasks", "moelora_suite",
+            "--include_path", str(folder / "out" / "data" / "tasks"),
+            "--output_path", str(tmp_path / "lm_eval"),
+        ],
+        cwd=folder,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = next((tmp_path / "lm_eval").rglob("results_*.json"))
+    scores = json.loads(written.read_text())
+    stored = json.loads((run_dir / "metrics.json").read_text())
+    assert scores["groups"]["moelora_suite"]["acc,none"] == pytest.approx(stored["suite_acc"], abs=1e-12)
+    for task, value in stored["tasks"].items():
+        assert scores["results"][f"moelora_{task}"]["acc,none"] == pytest.approx(value["acc"], abs=1e-12)
+
+
+def _requests(lm, items):
+    from harness.data.prompts import build_prompt, continuation
+
+    requests = []
+    for item in items:
+        for choice in item["choices"]:
+            context, cont = lm._encode_pair(build_prompt(item), continuation(choice))
+            requests.append((None, context, cont))
+    return requests
+
+
+def test_lm_model_cached_lower_layers_give_the_full_depth_numbers(smoke):
+    from harness.data.jsonl import load_jsonl
+    from harness.lm_model import HarnessLM
+
+    folder, _, plan = smoke
+    run = next(r for r in plan.trained_runs if r.method == "smora" and r.granularity > 1)
+    run_dir = folder / "out" / "runs" / run.run_id
+    cwd = Path.cwd()
+    os.chdir(folder)
+    try:
+        cached = HarnessLM(run_dir=str(run_dir), batch_size=7)
+        full = HarnessLM(run_dir=str(run_dir), batch_size=7, lower_cache=False)
+        tasks = folder / "out" / "data" / "tasks" / "data"
+        items = [item for name in ("first", "animal") for item in load_jsonl(tasks / f"{name}.jsonl")[:6]]
+        requests = _requests(cached, items)
+        assert cached.run.split_start is not None and cached.run.split_start > 0
+        with_cache = cached._loglikelihood_tokens(requests, disable_tqdm=True)
+        without = full._loglikelihood_tokens(requests, disable_tqdm=True)
+
+        # reference: every request alone, full depth, straight through the adapted model
+        model = full.model
+        reference = []
+        with torch.no_grad():
+            for _, context, cont in requests:
+                ids = torch.tensor([context + cont])
+                logits = model(input_ids=ids[:, :-1]).logits[0].float().log_softmax(-1)
+                rows = logits[len(context) - 1 :]
+                reference.append((sum(float(rows[j, t]) for j, t in enumerate(cont)),
+                                  all(int(rows[j].argmax()) == t for j, t in enumerate(cont))))
+    finally:
+        os.chdir(cwd)
+    for (a, ga), (b, gb), (r, gr) in zip(with_cache, without, reference):
+        assert a == pytest.approx(b, abs=1e-5) and a == pytest.approx(r, abs=1e-5)
+        assert ga == gb == gr
+
+
+def test_training_and_lm_eval_tokenise_prompts_identically(smoke):
+    from harness.data.prompts import build_prompt, continuation
+    from harness.lm_model import HarnessLM
+    from harness.train import build_examples
+
+    folder, _, plan = smoke
+    run = plan.trained_runs[0]
+    cwd = Path.cwd()
+    os.chdir(folder)
+    try:
+        lm = HarnessLM(run_dir=str(folder / "out" / "runs" / run.run_id))
+        items = [json.loads(line) for line in (folder / "out" / "data" / "train.jsonl").open()][:30]
+        examples, truncated = build_examples(lm.tokenizer, items, max_length=64)
+    finally:
+        os.chdir(cwd)
+    assert truncated == 0
+    for item, example in zip(items, examples):
+        context, cont = lm._encode_pair(build_prompt(item), continuation(item["choices"][item["label"]]))
+        assert example.ids == context + cont
+        assert example.targets == cont
+        assert [example.ids[p + 1] for p in example.positions] == cont
