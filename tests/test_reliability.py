@@ -448,17 +448,19 @@ def test_11_changes_give_new_folders_and_nothing_is_overwritten(two_identical_st
 
 
 def test_11_a_folder_holding_a_different_run_is_refused(tmp_path):
+    from types import SimpleNamespace
+
     from harness.run_model import RunFolderConflict, write_run_spec
 
-    class Run:
-        run_id, method, tag, granularity, seed, method_config = "x", "lora", "r4", 1, 0, {}
-        effective = {"train": {"lr": 0.001}}
-
+    run = SimpleNamespace(
+        run_id="x", method="lora", tag="r4", granularity=1, seed=0, method_config={},
+        effective={"train": {"lr": 0.001}},
+    )
     config = {"study": "s", "model": {}, "cache_dir": ".cache", "out_dir": "out"}
-    write_run_spec(config, Run, tmp_path)
-    Run.effective = {"train": {"lr": 0.002}}
+    write_run_spec(config, run, tmp_path)
+    run.effective = {"train": {"lr": 0.002}}
     with pytest.raises(RunFolderConflict, match=r"train\.lr: stored 0\.001, now 0\.002"):
-        write_run_spec(config, Run, tmp_path)
+        write_run_spec(config, run, tmp_path)
     assert json.loads((tmp_path / "run.json").read_text())["effective_config"] == {"train": {"lr": 0.001}}
 
 
