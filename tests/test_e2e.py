@@ -23,12 +23,28 @@ FIGURES = ("granularity", "params_vs_acc", "task_heatmap", "expert_load", "train
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TQDM_DISABLE": "1",
+        # the jobs Snakemake starts call `python`: the interpreter running the tests
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
 
 
 def _snakemake(args, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(cwd), *args],
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-s",
+            str(ROOT / "Snakefile"),
+            "--directory",
+            str(cwd),
+            *args,
+        ],
         cwd=cwd,
         env=_env(),
         capture_output=True,
@@ -65,7 +81,9 @@ def test_every_expected_file_exists_and_the_table_has_one_finite_score_per_run(s
     assert (out / "data" / "train.jsonl").stat().st_size > 0
     for run in plan.runs:
         run_dir = out / "runs" / run.run_id
-        expected = ("run.json", "metrics.json", "lm_eval_results.json") if run.is_base else RUN_FILES
+        expected = (
+            ("run.json", "metrics.json", "lm_eval_results.json") if run.is_base else RUN_FILES
+        )
         for name in expected:
             assert (run_dir / name).stat().st_size > 0, f"{run.run_id}/{name}"
         if not run.is_base:
@@ -95,7 +113,10 @@ def test_training_logs_hold_loss_aux_loss_expert_load_and_step_time(smoke):
     folder, _, plan = smoke
     config = plan.config
     for run in plan.trained_runs:
-        records = [json.loads(line) for line in (folder / "out" / "runs" / run.run_id / "train_log.jsonl").open()]
+        records = [
+            json.loads(line)
+            for line in (folder / "out" / "runs" / run.run_id / "train_log.jsonl").open()
+        ]
         assert [r["step"] for r in records] == list(range(len(records)))
         assert all(math.isfinite(r["loss"]) and r["step_time"] > 0 for r in records)
         if run.method in ("sira", "smora", "molora"):
@@ -122,12 +143,19 @@ def test_lm_eval_command_line_reproduces_the_stored_score(smoke, tmp_path):
     run_dir = folder / "out" / "runs" / run.run_id
     result = subprocess.run(
         [
-            sys.executable, "-m", "lm_eval",
-            "--model", "moe-lora",
-            "--model_args", f"run_dir={run_dir}",
-            "--tasks", "moelora_suite",
-            "--include_path", str(folder / "out" / "data" / "tasks"),
-            "--output_path", str(tmp_path / "lm_eval"),
+            sys.executable,
+            "-m",
+            "lm_eval",
+            "--model",
+            "moe-lora",
+            "--model_args",
+            f"run_dir={run_dir}",
+            "--tasks",
+            "moelora_suite",
+            "--include_path",
+            str(folder / "out" / "data" / "tasks"),
+            "--output_path",
+            str(tmp_path / "lm_eval"),
         ],
         cwd=folder,
         env=_env(),
@@ -139,9 +167,13 @@ def test_lm_eval_command_line_reproduces_the_stored_score(smoke, tmp_path):
     written = next((tmp_path / "lm_eval").rglob("results_*.json"))
     scores = json.loads(written.read_text())
     stored = json.loads((run_dir / "metrics.json").read_text())
-    assert scores["groups"]["moelora_suite"]["acc,none"] == pytest.approx(stored["suite_acc"], abs=1e-12)
+    assert scores["groups"]["moelora_suite"]["acc,none"] == pytest.approx(
+        stored["suite_acc"], abs=1e-12
+    )
     for task, value in stored["tasks"].items():
-        assert scores["results"][f"moelora_{task}"]["acc,none"] == pytest.approx(value["acc"], abs=1e-12)
+        assert scores["results"][f"moelora_{task}"]["acc,none"] == pytest.approx(
+            value["acc"], abs=1e-12
+        )
 
 
 def _requests(lm, items):
@@ -168,7 +200,9 @@ def test_lm_model_cached_lower_layers_give_the_full_depth_numbers(smoke):
         cached = HarnessLM(run_dir=str(run_dir), batch_size=7)
         full = HarnessLM(run_dir=str(run_dir), batch_size=7, lower_cache=False)
         tasks = folder / "out" / "data" / "tasks" / "data"
-        items = [item for name in ("first", "animal") for item in load_jsonl(tasks / f"{name}.jsonl")[:6]]
+        items = [
+            item for name in ("first", "animal") for item in load_jsonl(tasks / f"{name}.jsonl")[:6]
+        ]
         requests = _requests(cached, items)
         assert cached.run.split_start is not None and cached.run.split_start > 0
         with_cache = cached._loglikelihood_tokens(requests, disable_tqdm=True)
@@ -182,8 +216,12 @@ def test_lm_model_cached_lower_layers_give_the_full_depth_numbers(smoke):
                 ids = torch.tensor([context + cont])
                 logits = model(input_ids=ids[:, :-1]).logits[0].float().log_softmax(-1)
                 rows = logits[len(context) - 1 :]
-                reference.append((sum(float(rows[j, t]) for j, t in enumerate(cont)),
-                                  all(int(rows[j].argmax()) == t for j, t in enumerate(cont))))
+                reference.append(
+                    (
+                        sum(float(rows[j, t]) for j, t in enumerate(cont)),
+                        all(int(rows[j].argmax()) == t for j, t in enumerate(cont)),
+                    )
+                )
     finally:
         os.chdir(cwd)
     for (a, ga), (b, gb), (r, gr) in zip(with_cache, without, reference):
@@ -208,7 +246,9 @@ def test_training_and_lm_eval_tokenise_prompts_identically(smoke):
         os.chdir(cwd)
     assert truncated == 0
     for item, example in zip(items, examples):
-        context, cont = lm._encode_pair(build_prompt(item), continuation(item["choices"][item["label"]]))
+        context, cont = lm._encode_pair(
+            build_prompt(item), continuation(item["choices"][item["label"]])
+        )
         assert example.ids == context + cont
         assert example.targets == cont
         assert [example.ids[p + 1] for p in example.positions] == cont

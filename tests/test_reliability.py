@@ -58,7 +58,14 @@ def study_config(tmp_path: Path, **overrides) -> Path:
 
 
 def env(extra_path: Path | None = None) -> dict[str, str]:
-    out = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    out = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TQDM_DISABLE": "1",
+        # the jobs Snakemake starts call `python`: the interpreter running the tests
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     if extra_path is not None:
         out["PYTHONPATH"] = f"{extra_path}{os.pathsep}{out.get('PYTHONPATH', '')}"
     return out
@@ -78,7 +85,16 @@ def harness(args, cwd: Path, extra_path: Path | None = None, **kwargs):
 
 def snakemake(args, cwd: Path, extra_path: Path | None = None):
     return subprocess.run(
-        [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(cwd), *args],
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-s",
+            str(ROOT / "Snakefile"),
+            "--directory",
+            str(cwd),
+            *args,
+        ],
         cwd=cwd,
         env=env(extra_path),
         capture_output=True,
@@ -120,9 +136,15 @@ def strip_volatile(metrics: dict) -> dict:
     [
         ({"train__lr_rate": 0.1}, ["unknown key(s) 'lr_rate' in train", "allowed keys:", "lr,"]),
         ({"train__steps": "many"}, ["train.steps = 'many'", "expected ['integer', 'null']"]),
-        ({"budget__router": "shared"}, ["budget.router = 'shared'", "valid values: separate, counted"]),
+        (
+            {"budget__router": "shared"},
+            ["budget.router = 'shared'", "valid values: separate, counted"],
+        ),
         ({"train__batch_size": 0}, ["train.batch_size = 0 is out of range", "valid: >= 1"]),
-        ({"methods": ["smora", {"name": "sira", "opts": {}}]}, ["unknown key(s) 'opts' in methods[1]"]),
+        (
+            {"methods": ["smora", {"name": "sira", "opts": {}}]},
+            ["unknown key(s) 'opts' in methods[1]"],
+        ),
     ],
 )
 def test_1_schema_errors_name_key_value_and_what_is_allowed(tmp_path, override, fragments):
@@ -141,7 +163,10 @@ def test_1_snakemake_refuses_a_bad_config_before_any_job(tmp_path):
     path = study_config(tmp_path, budget__router="shared")
     result = snakemake(["-n", "--cores", "1", "--configfile", str(path)], tmp_path)
     assert result.returncode != 0
-    assert "budget.router = 'shared' is not allowed; valid values: separate, counted" in result.stdout + result.stderr
+    assert (
+        "budget.router = 'shared' is not allowed; valid values: separate, counted"
+        in result.stdout + result.stderr
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -149,7 +174,9 @@ def test_1_snakemake_refuses_a_bad_config_before_any_job(tmp_path):
 
 
 def test_2_unknown_method_and_broken_plugin_through_the_cli(tmp_path):
-    unknown = harness(["budget", "--config", str(study_config(tmp_path, methods=["smroa"]))], tmp_path)
+    unknown = harness(
+        ["budget", "--config", str(study_config(tmp_path, methods=["smroa"]))], tmp_path
+    )
     assert unknown.returncode == 2
     assert "smroa" in unknown.stderr
     for name in ("lora", "molora", "sira", "smora", "malora", "multilora"):
@@ -157,7 +184,9 @@ def test_2_unknown_method_and_broken_plugin_through_the_cli(tmp_path):
 
     (tmp_path / "broken_plugin.py").write_text("import not_a_real_dependency\n")
     broken = harness(
-        ["budget", "--config", str(study_config(tmp_path, plugins=["broken_plugin"]))], tmp_path, tmp_path
+        ["budget", "--config", str(study_config(tmp_path, plugins=["broken_plugin"]))],
+        tmp_path,
+        tmp_path,
     )
     assert broken.returncode == 2
     assert "broken_plugin" in broken.stderr
@@ -247,7 +276,10 @@ def test_6_plugin_with_wrong_counts_is_refused_with_both_numbers(tmp_path):
     assert result.returncode == 1
     reported, real = map(
         lambda n: int(n.replace(",", "")),
-        re.search(r"lying G2: the method reports total ([\d,]+) but its modules hold ([\d,]+)", result.stderr).groups(),
+        re.search(
+            r"lying G2: the method reports total ([\d,]+) but its modules hold ([\d,]+)",
+            result.stderr,
+        ).groups(),
     )
     assert real == reported + 7  # one missing parameter per adapted module (7 in one layer)
     d, inter = 32, 64
@@ -295,7 +327,9 @@ def test_7_nan_loss_stops_the_run_and_the_rest_of_the_sweep_goes_on(tmp_path):
 
     missing_data = harness(["train", "--config", str(path), "--run", bad], tmp_path, tmp_path)
     assert missing_data.returncode == 2
-    assert "out/data/train.jsonl: file not found; write the study's data first" in missing_data.stderr
+    assert (
+        "out/data/train.jsonl: file not found; write the study's data first" in missing_data.stderr
+    )
     assert harness(["data", "--config", str(path)], tmp_path).returncode == 0
     direct = harness(["train", "--config", str(path), "--run", bad, "--quiet"], tmp_path, tmp_path)
     assert direct.returncode == 2
@@ -334,7 +368,17 @@ def test_8_a_killed_run_resumes_from_its_checkpoint_with_identical_results(tmp_p
 
     state = killed_dir / "out" / "runs" / run_id / "checkpoints" / "last" / "state.pt"
     process = subprocess.Popen(
-        [sys.executable, "-m", "harness", "train", "--config", str(killed_cfg), "--run", run_id, "--quiet"],
+        [
+            sys.executable,
+            "-m",
+            "harness",
+            "train",
+            "--config",
+            str(killed_cfg),
+            "--run",
+            run_id,
+            "--quiet",
+        ],
         cwd=killed_dir,
         env=env(),
         stdout=subprocess.DEVNULL,
@@ -355,13 +399,19 @@ def test_8_a_killed_run_resumes_from_its_checkpoint_with_identical_results(tmp_p
     clean = snakemake([target, "--cores", "1", "--configfile", str(clean_cfg)], clean_dir)
     assert clean.returncode == 0, clean.stderr[-3000:]
 
-    killed_run, clean_run = killed_dir / "out" / "runs" / run_id, clean_dir / "out" / "runs" / run_id
+    killed_run, clean_run = (
+        killed_dir / "out" / "runs" / run_id,
+        clean_dir / "out" / "runs" / run_id,
+    )
     killed_summary = json.loads((killed_run / "train.json").read_text())
     assert killed_summary["resumed_from_step"] > 0
     assert json.loads((clean_run / "train.json").read_text())["resumed_from_step"] is None
 
     def losses(run):
-        return [(r["step"], r["loss"]) for r in map(json.loads, (run / "train_log.jsonl").read_text().splitlines())]
+        return [
+            (r["step"], r["loss"])
+            for r in map(json.loads, (run / "train_log.jsonl").read_text().splitlines())
+        ]
 
     assert losses(killed_run) == losses(clean_run)
     assert len(losses(killed_run)) == steps
@@ -405,7 +455,9 @@ def two_identical_studies(tmp_path_factory):
     for name in ("first", "second"):
         folder = tmp_path_factory.mktemp(name)
         cfg = study_config(folder)
-        result = snakemake([metrics_target(cfg, folder), "--cores", "1", "--configfile", str(cfg)], folder)
+        result = snakemake(
+            [metrics_target(cfg, folder), "--cores", "1", "--configfile", str(cfg)], folder
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         folders.append((folder, cfg))
     return folders
@@ -427,7 +479,9 @@ def test_11_changes_give_new_folders_and_nothing_is_overwritten(two_identical_st
     before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
 
     # an unchanged config does no work
-    again = snakemake([metrics_target(cfg, folder), "-n", "--cores", "1", "--configfile", str(cfg)], folder)
+    again = snakemake(
+        [metrics_target(cfg, folder), "-n", "--cores", "1", "--configfile", str(cfg)], folder
+    )
     assert again.returncode == 0
     assert "Nothing to be done" in again.stdout + again.stderr
 
@@ -453,7 +507,12 @@ def test_11_a_folder_holding_a_different_run_is_refused(tmp_path):
     from harness.run_model import RunFolderConflict, write_run_spec
 
     run = SimpleNamespace(
-        run_id="x", method="lora", tag="r4", granularity=1, seed=0, method_config={},
+        run_id="x",
+        method="lora",
+        tag="r4",
+        granularity=1,
+        seed=0,
+        method_config={},
         effective={"train": {"lr": 0.001}},
     )
     config = {"study": "s", "model": {}, "cache_dir": ".cache", "out_dir": "out"}
@@ -461,7 +520,9 @@ def test_11_a_folder_holding_a_different_run_is_refused(tmp_path):
     run.effective = {"train": {"lr": 0.002}}
     with pytest.raises(RunFolderConflict, match=r"train\.lr: stored 0\.001, now 0\.002"):
         write_run_spec(config, run, tmp_path)
-    assert json.loads((tmp_path / "run.json").read_text())["effective_config"] == {"train": {"lr": 0.001}}
+    assert json.loads((tmp_path / "run.json").read_text())["effective_config"] == {
+        "train": {"lr": 0.001}
+    }
 
 
 def test_12_every_run_folder_holds_what_is_needed_to_rerun_it(two_identical_studies):
