@@ -11,26 +11,15 @@ so bad input stops the workflow before any job starts.
     snakemake --cores 2 --configfile config/smoke.yaml    # the same DAG in minutes
 """
 
-import re
 
-from harness.snakemake_support import load_study
+include: "workflow/rules/common.smk"
 
 
-CONFIG_PATH, STUDY, PLAN = load_study(workflow, config)
 report: "workflow/report/workflow.rst"
-OUT = STUDY["out_dir"]
-TRAINED = [run.run_id for run in PLAN.trained_runs]
-ALL_RUNS = [run.run_id for run in PLAN.runs]
 
 
 wildcard_constraints:
     run="|".join(re.escape(r) for r in ALL_RUNS),
-
-
-def train_outputs(wildcards):
-    if wildcards.run in TRAINED:
-        return f"{OUT}/runs/{wildcards.run}/train.json"
-    return []
 
 
 rule all:

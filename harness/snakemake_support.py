@@ -48,3 +48,13 @@ def load_study(workflow, snakemake_config: dict[str, Any]):
         )
     config = load_config(path)
     return path, config, plan_study(config)
+
+
+def train_json_of(out_dir: str, trained: list[str]):
+    """Input function for rules that need a run's ``train.json`` (none for the base model)."""
+    trained_ids = set(trained)
+
+    def train_json(wildcards) -> list[str]:
+        return [f"{out_dir}/runs/{wildcards.run}/train.json"] if wildcards.run in trained_ids else []
+
+    return train_json
