@@ -93,13 +93,23 @@ def _strip(section: dict[str, Any], name: str) -> dict[str, Any]:
     return out
 
 
+def _drop_unset(value: Any) -> Any:
+    """Leave out settings that are ``None`` (unset), so that adding a new optional setting
+    to the schema does not rename every existing run folder."""
+    if isinstance(value, dict):
+        return {k: _drop_unset(v) for k, v in value.items() if v is not None}
+    return value
+
+
 def effective_common(config: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "model": _strip(config["model"], "model"),
-        "data": config["data"],
-        "train": _strip(config["train"], "train"),
-        "eval": _strip(config["eval"], "eval"),
-    }
+    return _drop_unset(
+        {
+            "model": _strip(config["model"], "model"),
+            "data": config["data"],
+            "train": _strip(config["train"], "train"),
+            "eval": _strip(config["eval"], "eval"),
+        }
+    )
 
 
 # -- shapes from a config alone ------------------------------------------------------------

@@ -425,25 +425,8 @@ def _job_stats(output: str) -> dict[str, int]:
     return jobs
 
 
-_SNAKEFILE_MARKS_ANCIENT = "ancient(" in (ROOT / "Snakefile").read_text()
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "order",
-    [
-        "run",
-        pytest.param(
-            "clone",
-            marks=pytest.mark.skipif(
-                not _SNAKEFILE_MARKS_ANCIENT,
-                reason="the Snakefile's evaluate rule compares the mtime of train.json with "
-                "metrics.json; a git checkout writes train.json after metrics.json, so "
-                "evaluation reruns after a fresh clone until those inputs are marked ancient()",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("order", ["run", "clone"])
 def test_snakemake_figures_schedules_no_training_when_results_exist(tmp_path, shapes, order):
     """``snakemake -n figures tables`` with every run's results on disk schedules those two
     jobs and nothing else. ``run``: files dated in the order a run writes them (data, then
