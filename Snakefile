@@ -46,9 +46,13 @@ rule data:
         "python -m harness data --config {params.config:q} > {log:q} 2>&1"
 
 
+include: "workflow/rules/moa.smk"
+
+
 rule train:
     input:
         ancient(rules.data.output.train),
+        task_adapter_inputs,
     output:
         summary=protected(f"{OUT}/runs/{{run}}/train.json"),
         log=f"{OUT}/runs/{{run}}/train_log.jsonl",
@@ -99,3 +103,6 @@ rule summary:
         "envs/harness.yaml"
     shell:
         "python -m harness summary --config {params.config:q} > {log:q} 2>&1"
+
+
+include: "workflow/rules/bench.smk"

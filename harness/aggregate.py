@@ -17,9 +17,14 @@ Tables, written to ``{out_dir}/tables/`` by :func:`write_tables`:
   - ``suite_std``: the sample standard deviation over seeds,
     ``std = sqrt( sum_s (a_s - mean)^2 / (n - 1) )`` (``ddof = 1``; NaN when
     ``n = 1``), shown as ``mean ± std`` in Markdown and LaTeX;
+  - ``router acc``: for methods that route to task adapters (MoA), the share of
+    (adapted module, test prompt) pairs whose top-1 adapter is the prompt's task
+    (``metrics.json``'s ``router_accuracy``), mean over seeds; blank for other methods
+    and absent when no run of the study reports it;
   - parameters (total, activated, router) from ``train.json`` (what really
     trained), the accounting mode ``router: separate|counted``, and the mean
-    training wall time over seeds.
+    training wall time over seeds (for a run built on parts trained by earlier jobs,
+    MoA's task adapters, those jobs' wall times are included: both stages).
 
   The suite score of one run is ``metrics.json``'s ``suite_acc`` (lm-eval's
   group score); where lm-eval recorded none, the unweighted mean of the task
@@ -86,6 +91,7 @@ DISPLAY_NAMES = {
     "sira": "SiRA",
     "smora": "SMoRA",
     "malora": "MALoRA",
+    "moa": "MoA",
 }
 
 #: verdict threshold on the paired t-test
@@ -229,6 +235,18 @@ def _suite_score(metrics: dict[str, Any]) -> float:
     return float(np.mean(accs)) if accs else math.nan
 
 
+def stage_one_seconds(plan: StudyPlan, run) -> float:
+    """Training wall time of the parts a run was built on (MoA's task adapters,
+    ``Run.components``; 0 for other methods), summed; NaN if one has no ``train.json``."""
+    total = 0.0
+    for component in getattr(run, "components", None) or []:
+        path = plan.out_dir / component / "train.json"
+        if not path.exists():
+            return math.nan
+        total += (_read_json_named(path).get("timing") or {}).get("wall_s", math.nan)
+    return total
+
+
 def collect_results(plan: StudyPlan, logs: bool = False) -> StudyResults:
     """Read every run's stored results; raise :class:`MissingResultsError` naming every
     missing ``(run id, file)`` if any run of the plan is incomplete.
@@ -264,6 +282,7 @@ def collect_results(plan: StudyPlan, logs: bool = False) -> StudyResults:
         row: dict[str, Any] = {
             **ident,
             "suite_acc": _suite_score(metrics),
+            "router_accuracy": metrics.get("router_accuracy", math.nan),
             **{f"acc:{t}": v.get("acc") for t, v in metrics.get("tasks", {}).items()},
             "total": 0,
             "activated": 0,
@@ -281,7 +300,8 @@ def collect_results(plan: StudyPlan, logs: bool = False) -> StudyResults:
                     "total": params.get("total"),
                     "activated": params.get("activated"),
                     "router": params.get("router"),
-                    "train_s": (train.get("timing") or {}).get("wall_s", math.nan),
+                    "train_s": (train.get("timing") or {}).get("wall_s", math.nan)
+                    + stage_one_seconds(plan, run),
                     "final_loss": train.get("final_loss", math.nan),
                 }
             )
@@ -338,8 +358,10 @@ def main_table(results: StudyResults) -> pd.DataFrame:
 
     Columns: ``label, method, variant, granularity, n_seeds``, one column per task (mean
     accuracy over seeds, %), ``suite_mean`` and ``suite_std`` (%, sample std over seeds,
-    ddof = 1), ``total, activated, router`` (parameters), ``router_mode``, ``train_s`` (mean
-    training wall time over seeds, s; NaN for the base model) and ``note``.
+    ddof = 1), ``router_acc`` (%, only when some run reports one: MoA's router accuracy at
+    picking the item's task adapter, mean over seeds; NaN for other methods), ``total,
+    activated, router`` (parameters), ``router_mode``, ``train_s`` (mean training wall time
+    over seeds, s; NaN for the base model) and ``note``.
     """
     plan = results.plan
     runs = results.runs
@@ -363,6 +385,8 @@ def main_table(results: StudyResults) -> pd.DataFrame:
             record[task] = group[f"acc:{task}"].astype(float).mean() * 100
         record["suite_mean"] = suite.mean()
         record["suite_std"] = suite.std(ddof=1) if len(group) > 1 else math.nan
+        if "router_accuracy" in runs and runs["router_accuracy"].notna().any():
+            record["router_acc"] = group["router_accuracy"].astype(float).mean() * 100
         for col in ("total", "activated", "router"):
             record[col] = None if pd.isna(first[col]) else int(first[col])
         record["router_mode"] = mode
@@ -416,6 +440,8 @@ def _main_display(table: pd.DataFrame, tasks: list[str], bold) -> pd.DataFrame:
         text = _fmt_acc(m) + ("" if pd.isna(s) else f" ± {s:.{ACC_DECIMALS}f}")
         suite.append(bold(text) if table.index[i] in best["suite_mean"] else text)
     shown["suite mean ± std"] = suite
+    if "router_acc" in table:
+        shown["router acc"] = table["router_acc"].map(lambda v: "" if pd.isna(v) else _fmt_acc(v))
     for col in ("total", "activated", "router"):
         shown[col] = table[col].map(_fmt_int)
     shown["accounting"] = "router: " + table["router_mode"].astype(str)

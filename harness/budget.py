@@ -273,7 +273,7 @@ def solve_study(
     target_total = lora_count(request.total_rank, shapes)
     target_active = lora_count(request.active_rank, shapes)
     for method, options in methods:
-        for variant in method.variants(request):
+        for variant in method.plan_variants(request, options):
             try:
                 config = method.solve(request, variant, shapes, options)
             except BudgetError as exc:

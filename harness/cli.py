@@ -127,6 +127,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from harness.study import plan_study
 
     plan = plan_study(load_config(args.config))
+    if args.task_adapters:  # stage-one jobs (MoA), for `python -m harness train-task-adapter`
+        for adapter in plan.task_adapters:
+            print(adapter.name)
+        return 0
     for run in plan.runs:
         print(run.run_id)
     return 0
@@ -155,12 +159,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="list the run folders a config defines")
     p.add_argument("--config", required=True)
+    p.add_argument(
+        "--task-adapters",
+        action="store_true",
+        help="list the stage-one task-adapter folders (MoA) instead of the runs",
+    )
     p.set_defaults(func=cmd_plan)
 
-    from harness import report_cli, workflow_cli
+    from harness import bench_cli, report_cli, workflow_cli
 
     workflow_cli.add_commands(sub)
     report_cli.add_commands(sub)
+    bench_cli.add_commands(sub)
+    from harness import compose as compose_cli  # MoA's stages: compose, train-task-adapter
+    compose_cli.add_commands(sub)
     return parser
 
 

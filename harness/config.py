@@ -107,6 +107,21 @@ def _check_semantics(config: dict[str, Any], source: str) -> None:
         for key in ("train", "test"):
             if key not in data:
                 raise ConfigError(f"{source}: data.source is jsonl, so data.{key} (a file path) is required")
+    if data["source"] == "lm_eval" and not data.get("tasks"):
+        raise ConfigError(
+            f"{source}: data.source is lm_eval, so data.tasks (lm-eval task names with a train "
+            "split, e.g. [boolq, piqa, arc_easy]) is required"
+        )
+    if data["source"] == "lm_eval" and not config["eval"].get("tasks"):
+        raise ConfigError(
+            f"{source}: data.source is lm_eval, which writes no suite task folder, so eval.tasks "
+            "(the lm-eval tasks to score, e.g. the same names as data.tasks) is required"
+        )
+    if data["source"] == "generated" and data.get("train_per_task") is None:
+        raise ConfigError(
+            f"{source}: data.train_per_task = null is only valid for data.source lm_eval "
+            "(no cap); the generated suite needs a number of items per task (>= 4)"
+        )
     budget = config["budget"]
     if budget["active_rank"] > budget["total_rank"]:
         raise ConfigError(

@@ -5,6 +5,11 @@ on the suite's task folder (written by the data step) plus any lm-eval registry
 tasks in ``eval.tasks``. The run folder keeps lm-eval's results JSON unchanged
 (``lm_eval_results.json``: its config, versions and per-task metrics) and a small
 ``metrics.json`` with the numbers the tables use.
+
+With ``data.source: lm_eval`` there is no suite task folder (the data summary has
+group ``None`` and no tasks): the run is scored on ``eval.tasks`` alone, looked up
+in lm-eval's registry (and ``data.include_path``); each of them is a per-task
+column and ``suite_acc`` is the unweighted mean of their ``acc``.
 """
 
 from __future__ import annotations
@@ -50,11 +55,23 @@ def evaluate_run(config: dict[str, Any], run, run_dir: Path, progress: bool = Tr
     )
     load_s = time.perf_counter() - wall
     extra = list(eval_cfg.get("tasks") or [])
-    manager = TaskManager(include_path=str(data_dir / "tasks"), include_defaults=bool(extra))
+    if group is None:  # data.source lm_eval: the registry tasks of eval.tasks are the suite
+        from harness.data.lm_eval_train import task_manager
+
+        if not extra:
+            raise ValueError(
+                "data.source lm_eval writes no suite task folder: list the lm-eval tasks to "
+                "score in eval.tasks"
+            )
+        manager = task_manager(extra, config["data"].get("include_path"))
+        requested = extra
+    else:
+        manager = TaskManager(include_path=str(data_dir / "tasks"), include_defaults=bool(extra))
+        requested = [group, *extra]
     t0 = time.perf_counter()
     results = lm_eval.simple_evaluate(
         model=lm,
-        tasks=[group, *extra],
+        tasks=requested,
         task_manager=manager,
         limit=eval_cfg.get("limit"),
         log_samples=False,
@@ -76,12 +93,21 @@ def evaluate_run(config: dict[str, Any], run, run_dir: Path, progress: bool = Tr
             "acc": r["acc,none"],
             "acc_stderr": r.get("acc_stderr,none"),
         }
-    suite = results["groups"][group]["acc,none"] if group in results.get("groups", {}) else None
+    if group is None:  # task_names is empty: the eval.tasks are the per-task columns
+        for name in extra:
+            r = results["results"][name]
+            per_task[name] = {"acc": r["acc,none"], "acc_stderr": r.get("acc_stderr,none")}
+        suite = sum(v["acc"] for v in per_task.values()) / len(per_task)
+    else:
+        suite = results["groups"][group]["acc,none"] if group in results.get("groups", {}) else None
     extra_scores = {
         name: {k: v for k, v in results["results"][name].items() if isinstance(v, (int, float))}
         for name in extra
         if name in results["results"]
     }
+    # method-specific numbers (MoA: the router's accuracy at picking the item's task adapter)
+    handle = lm.run.handle
+    method_metrics = {} if handle is None else handle.method.evaluation_metrics(lm.run, data_dir)
     metrics = {
         "run_id": run.run_id,
         "method": run.method,
@@ -89,6 +115,7 @@ def evaluate_run(config: dict[str, Any], run, run_dir: Path, progress: bool = Tr
         "granularity": run.granularity,
         "seed": run.seed,
         "suite_acc": suite,
+        **method_metrics,
         "tasks": per_task,
         "extra_tasks": extra_scores,
         "lm_eval_version": lm_eval.__version__,

@@ -14,7 +14,8 @@ Figures, written to ``{out_dir}/figures/`` by :func:`write_figures`:
    rank R and activated rank K (log2 axis, ticks at the study's G); y = suite
    accuracy (%), the mean over seeds with error bars of one sample standard
    deviation (ddof = 1); one line per method that sweeps G (the routed methods
-   and MultiLoRA). Horizontal bands: LoRA rank R and rank K (mean ± std over
+   and MultiLoRA); MoA, trained at one point, is a single marker at ``x = T`` (its
+   number of task adapters). Horizontal bands: LoRA rank R and rank K (mean ± std over
    seeds); dashed line: the untrained base model.
 2. ``params_vs_acc``: activated adapter parameters (log axis) against suite
    accuracy (%), one point per run; the Pareto front is the step line through the
@@ -222,11 +223,16 @@ def fig_granularity(results: StudyResults) -> Figure:
         if not xs:
             continue
         style = styles[method]
+        label = _name(method)
+        tags = [r.variant.tag for r in rows]
+        if len(tags) == 1 and tags[0].startswith("T") and tags[0][1:].isdigit():
+            # MoA: one marker at x = T, the number of task adapters (its granularity)
+            label += f" ({tags[0][1:]} task adapters)"
         ax.errorbar(
             xs,
             ys,
             yerr=es,
-            label=_name(method),
+            label=label,
             capsize=3,
             markersize=6,
             linewidth=1.5,

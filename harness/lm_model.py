@@ -19,6 +19,27 @@ from lm_eval.api.model import TemplateLM
 from tqdm.auto import tqdm
 
 
+def score_logprobs(
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
+    attention_mask: torch.Tensor,
+    start: int | None,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+) -> torch.Tensor:
+    """The scoring forward of one batch: log-probabilities ``(len(rows), vocab)`` at the
+    positions ``(rows[i], cols[i])``. ``inputs`` are the cached hidden states entering
+    layer ``start``, or token ids when ``start`` is None (full depth). The benchmark
+    times this function (``python -m harness bench``)."""
+    from harness.split import full_forward, logits_at, upper_forward
+
+    if start is not None:
+        hidden = upper_forward(model, inputs, attention_mask, start)
+    else:
+        hidden = full_forward(model, inputs, attention_mask)
+    return torch.log_softmax(logits_at(model, hidden, rows, cols).float(), dim=-1)
+
+
 class HarnessLM(TemplateLM):
     """Registered in lm-eval's model registry as ``moe-lora`` by :mod:`harness.lm_eval_hook`."""
 
@@ -65,9 +86,16 @@ class HarnessLM(TemplateLM):
             "harness_base_model": spec["model"]["source"],
         }
 
+    def _real_tokens(self, mask: torch.Tensor):
+        """Mark the batch's real tokens for the adapter layers (no-op for the base model)."""
+        from contextlib import nullcontext
+
+        handle = self.run.handle
+        return nullcontext() if handle is None else handle.token_mask(mask)
+
     @torch.no_grad()
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        from harness.split import cached_lower, full_forward, logits_at, pad_batch, upper_forward
+        from harness.split import cached_lower, pad_batch
 
         scored: list[tuple[tuple[int, ...], int, list[int]]] = []
         for _, context_enc, continuation_enc in requests:
@@ -101,24 +129,26 @@ class HarnessLM(TemplateLM):
         ):
             ids = list(range(b, min(b + self.batch_size_, len(unique))))
             if cache is not None:
-                hidden, mask = cache.batch(ids)
-                hidden = upper_forward(self.model, hidden.to(self.device_), mask.to(self.device_), start)
+                inputs, mask = cache.batch(ids)
             else:
-                tokens, mask = pad_batch([unique[i] for i in ids], self.tokenizer.pad_token_id)
-                hidden = full_forward(self.model, tokens.to(self.device_), mask.to(self.device_))
+                inputs, mask = pad_batch([unique[i] for i in ids], self.tokenizer.pad_token_id)
             rows, cols, keys = [], [], []
             for row, i in enumerate(ids):
                 for pos in sorted(wanted[i]):
                     rows.append(row)
                     cols.append(pos)
                     keys.append((i, pos))
-            logits = logits_at(
-                self.model,
-                hidden,
-                torch.tensor(rows, device=self.device_),
-                torch.tensor(cols, device=self.device_),
-            )
-            for key, row in zip(keys, torch.log_softmax(logits.float(), dim=-1).cpu()):
+            # routers that pool over a sequence (MoA) must not see the padding
+            with self._real_tokens(mask.to(self.device_)):
+                scores = score_logprobs(
+                    self.model,
+                    inputs.to(self.device_),
+                    mask.to(self.device_),
+                    start if cache is not None else None,
+                    torch.tensor(rows, device=self.device_),
+                    torch.tensor(cols, device=self.device_),
+                )
+            for key, row in zip(keys, scores.cpu()):
                 logprobs[key] = row
         results = []
         for seq, first, cont in scored:

@@ -8,6 +8,7 @@ evaluation starts, so a folder alone is enough to score it again, e.g. with
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,11 @@ def write_run_spec(config: dict[str, Any], run, run_dir: Path) -> dict[str, Any]
         "data_dir": str(Path(config["out_dir"]) / "data"),
         "effective_config": run.effective,
     }
+    if getattr(run, "components", None):
+        # folders trained by earlier jobs (MoA's task LoRAs), relative to this run folder
+        spec["components"] = [
+            os.path.relpath(Path(config["out_dir"]) / c, run_dir) for c in run.components
+        ]
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "run.json"
     if path.exists():
@@ -114,6 +120,7 @@ def load_run_model(run_dir: str | Path, device: str = "auto") -> LoadedRun:
         config = method.make_config(**spec["method_config"])
         targets = target_shapes(model, model_cfg["target_modules"], layer_ids)
         handle = apply_method(model, method, config, targets)
+        method.load_components(handle, [run_dir / p for p in spec.get("components", [])])
         model.to(target_device)
         handle.load_state(load_file(str(weights)))
     model.eval()

@@ -58,3 +58,14 @@ def train_json_of(out_dir: str, trained: list[str]):
         return [f"{out_dir}/runs/{wildcards.run}/train.json"] if wildcards.run in trained_ids else []
 
     return train_json
+
+
+def task_adapter_inputs_of(out_dir: str, plan):
+    """Input function for the ``train`` rule: the stage-one ``train.json`` files a run needs
+    (MoA's task adapters, ``Run.components``); nothing for other methods."""
+    components = {run.run_id: list(run.components) for run in plan.runs}
+
+    def task_adapter_inputs(wildcards) -> list[str]:
+        return [f"{out_dir}/{path}/train.json" for path in components.get(wildcards.run, [])]
+
+    return task_adapter_inputs

@@ -125,12 +125,14 @@ class LowerCache:
         model.eval()
         chunks: list[torch.Tensor | None] = [None] * len(sequences)
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        device = next(model.parameters()).device  # the cache itself is kept on the CPU
         for b in tqdm(range(0, len(order), batch_size), desc=desc, mininterval=2, leave=False):
             idx = order[b : b + batch_size]
             ids, mask = pad_batch([sequences[i] for i in idx], pad_id)
-            hidden = lower_forward(model, ids, mask, start)
+            hidden = lower_forward(model, ids.to(device), mask.to(device), start)
             for row, i in enumerate(idx):
-                chunks[i] = hidden[row, : len(sequences[i])].clone()
+                part = hidden[row, : len(sequences[i])]
+                chunks[i] = part.clone() if part.device.type == "cpu" else part.cpu()
         model.train(was_training)
         lengths = torch.tensor([0] + [len(s) for s in sequences])
         return cls(torch.cat(chunks), torch.cumsum(lengths, 0), start)

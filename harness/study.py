@@ -46,6 +46,8 @@ class Run:
     method_config: dict[str, Any]
     effective: dict[str, Any]
     row: BudgetRow | None = None
+    #: folders (relative to out_dir) of parts trained by earlier jobs, e.g. MoA's task LoRAs
+    components: list[str] = field(default_factory=list)
 
     @property
     def is_base(self) -> bool:
@@ -58,6 +60,8 @@ class StudyPlan:
     shapes: list[TargetShape]
     rows: list[BudgetRow]
     runs: list[Run] = field(default_factory=list)
+    #: stage-one jobs of two-stage methods (MoA's per-task LoRAs), each once
+    task_adapters: list[Any] = field(default_factory=list)
 
     @cached_property
     def by_id(self) -> dict[str, Run]:
@@ -84,6 +88,16 @@ class StudyPlan:
     @property
     def trained_runs(self) -> list[Run]:
         return [r for r in self.runs if not r.is_base]
+
+    def task_adapter(self, name: str):
+        for adapter in self.task_adapters:
+            if adapter.name == name:
+                return adapter
+        known = ", ".join(a.name for a in self.task_adapters[:8]) or "none"
+        raise KeyError(
+            f"task adapter {name!r} is not part of study {self.config['study']!r} as "
+            f"configured; known task adapters include: {known}"
+        )
 
 
 def _strip(section: dict[str, Any], name: str) -> dict[str, Any]:
@@ -163,7 +177,11 @@ def study_shapes(config: dict[str, Any]) -> list[TargetShape]:
 def load_methods(config: dict[str, Any]):
     for path in config.get("plugins", []):
         load_plugin(path)
-    return [(get_method(name), options) for name, options in method_entries(config)]
+    out = []
+    for name, options in method_entries(config):
+        method = get_method(name)
+        out.append((method, method.study_options(config, options)))
+    return out
 
 
 def plan_study(config: dict[str, Any], shapes: list[TargetShape] | None = None) -> StudyPlan:
@@ -183,10 +201,15 @@ def plan_study(config: dict[str, Any], shapes: list[TargetShape] | None = None) 
                 "method_config": row.config.to_dict(),
                 "seed": seed,
             }
+            components = get_method(row.method).components(config, row.config, seed)
+            if components:
+                effective["components"] = [c.path for c in components]
+                known = {a.path for a in plan.task_adapters}
+                plan.task_adapters += [c for c in components if c.path not in known]
             run_id = f"{row.method}-{row.variant.tag}-s{seed}-{short_hash(effective)}"
             plan.runs.append(
                 Run(run_id, row.method, row.variant.tag, row.variant.granularity, seed,
-                    row.config.to_dict(), effective, row)
+                    row.config.to_dict(), effective, row, [c.path for c in components])
             )
     if config["eval"]["include_base"]:
         effective = {"model": common["model"], "data": common["data"], "eval": common["eval"],

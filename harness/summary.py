@@ -18,6 +18,8 @@ class MissingResultsError(FileNotFoundError):
 
 
 def collect_rows(plan) -> pd.DataFrame:
+    from harness.aggregate import stage_one_seconds
+
     rows, missing = [], []
     for run in plan.runs:
         run_dir = plan.run_dir(run)
@@ -33,6 +35,8 @@ def collect_rows(plan) -> pd.DataFrame:
             "granularity": run.granularity,
             "seed": run.seed,
             "suite_acc": metrics["suite_acc"],
+            # MoA: share of test prompts routed to their own task's adapter (NaN elsewhere)
+            "router_accuracy": metrics.get("router_accuracy"),
             **{f"acc_{task}": v["acc"] for task, v in metrics["tasks"].items()},
         }
         if not run.is_base:
@@ -47,7 +51,8 @@ def collect_rows(plan) -> pd.DataFrame:
                     "activated": train["params"]["activated"],
                     "router": train["params"]["router"],
                     "final_loss": train["final_loss"],
-                    "train_s": train["timing"]["wall_s"],
+                    # MoA: its task adapters' (stage one) time too
+                    "train_s": train["timing"]["wall_s"] + stage_one_seconds(plan, run),
                 }
             )
         row["eval_s"] = metrics["timing"]["wall_s"]
@@ -58,7 +63,10 @@ def collect_rows(plan) -> pd.DataFrame:
             f"{plan.out_dir / 'runs'}: {', '.join(missing)}. Run `snakemake --cores 2 "
             f"--configfile <config>` to produce them."
         )
-    return pd.DataFrame.from_records(rows)
+    frame = pd.DataFrame.from_records(rows)
+    if "router_accuracy" in frame and frame["router_accuracy"].isna().all():
+        frame = frame.drop(columns="router_accuracy")  # no run routes to task adapters
+    return frame
 
 
 def write_summary(plan, out_dir: Path | None = None) -> pd.DataFrame:

@@ -19,6 +19,7 @@ import random
 import shutil
 import statistics
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,14 +50,12 @@ class Example:
 
 def build_examples(tokenizer, items: list[dict[str, Any]], max_length: int) -> tuple[list[Example], int]:
     """Tokenised training examples (prompt + answer), and how many were left-truncated."""
-    from harness.data.prompts import build_prompt, continuation
+    from harness.data.prompts import training_texts
     from harness.tokenize import encode_pair
 
     examples, truncated = [], 0
     for item in items:
-        context, answer = encode_pair(
-            tokenizer, build_prompt(item), continuation(item["choices"][item["label"]])
-        )
+        context, answer = encode_pair(tokenizer, *training_texts(item))
         ids = context + answer
         if len(ids) > max_length:
             cut = len(ids) - max_length
@@ -85,6 +84,32 @@ def batch_schedule(n_examples: int, batch_size: int, seed: int, step: int) -> li
     return order[index * batch_size : (index + 1) * batch_size].tolist()
 
 
+def select_examples(examples: list[Example], tasks: list[str] | None) -> list[int]:
+    """Indices of the examples a run trains on: every example (``tasks`` None) or only
+    those of ``tasks`` (MoA's per-task adapters, its router on a subset of tasks)."""
+    if tasks is None:
+        return list(range(len(examples)))
+    wanted = set(tasks)
+    pool = [i for i, e in enumerate(examples) if e.task in wanted]
+    found = {examples[i].task for i in pool}
+    missing = [t for t in tasks if t not in found]
+    if missing:
+        raise ValueError(
+            f"no training items of task(s) {missing}; tasks in the training data: "
+            f"{sorted({e.task for e in examples})}"
+        )
+    return pool
+
+
+def prompt_mask(mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Real tokens up to each row's first predicted position: the prompt, not the trained
+    answer tokens after it (routers that pool over a sequence read only this)."""
+    first = torch.full((mask.shape[0],), mask.shape[1], dtype=torch.long, device=mask.device)
+    first = first.scatter_reduce(0, rows, cols, reduce="amin")
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    return mask.bool() & (positions.unsqueeze(0) <= first.unsqueeze(1))
+
+
 def total_steps(train_cfg: dict[str, Any], n_examples: int) -> int:
     if train_cfg.get("steps"):
         return int(train_cfg["steps"])
@@ -92,12 +117,35 @@ def total_steps(train_cfg: dict[str, Any], n_examples: int) -> int:
     return max(1, math.ceil(train_cfg["epochs"] * per_epoch))
 
 
+def warmup_steps(train_cfg: dict[str, Any], n_steps: int) -> int:
+    """Warm-up steps of a run of ``n_steps``: ``ceil(warmup_ratio * n_steps)`` when
+    ``train.warmup_ratio`` is set, else ``train.warmup_steps``; never more than ``n_steps``."""
+    ratio = train_cfg.get("warmup_ratio")
+    configured = train_cfg.get("steps")
+    if ratio is None and configured and n_steps < configured:
+        # a stage shorter than the study's runs (MoA) keeps the schedule's shape
+        ratio = train_cfg["warmup_steps"] / configured
+    steps = math.ceil(ratio * n_steps) if ratio is not None else train_cfg["warmup_steps"]
+    return min(int(steps), n_steps)
+
+
 def select_device(preference: str) -> torch.device:
+    """``cpu``, ``cuda`` (refused without a GPU) or ``auto``: CUDA when available, else CPU."""
     if preference == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("model.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
     if preference == "cpu":
         return torch.device("cpu")
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def step_autocast(device: torch.device, dtype_name: str):
+    """The autocast context of a training step (also used by the benchmark): bf16 autocast
+    on CUDA when the model's dtype is not float32, none otherwise."""
+    from contextlib import nullcontext
+
+    if device.type == "cuda" and dtype_name != "float32":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def seed_everything(seed: int) -> None:
@@ -189,12 +237,27 @@ class Batcher:
         )
 
 
-def answer_loss(model, handle: AdapterHandle, batch, start: int | None, autocast) -> torch.Tensor:
-    """Cross-entropy on the answer token(s); ``start`` is the cached split (None: full depth)."""
+def routing_state(handle: AdapterHandle, batch):
+    """The routers' view of ``batch`` (real tokens, prompt tokens) while it is in flight."""
+    _, mask, rows, cols, _ = batch
+    return handle.token_mask(mask, prompt_mask(mask, rows, cols))
+
+
+def answer_loss(
+    model, handle: AdapterHandle, batch, start: int | None, autocast, set_routing: bool = True
+) -> torch.Tensor:
+    """Cross-entropy on the answer token(s); ``start`` is the cached split (None: full depth).
+
+    ``set_routing=False``: the caller already holds :func:`routing_state` (the training
+    loop does, over the backward pass too: gradient checkpointing reruns the forward of
+    each layer there, and the routers must see the same token masks as the first time).
+    """
+    from contextlib import nullcontext
+
     from harness.split import full_forward, logits_at, upper_forward
 
     inputs, mask, rows, cols, targets = batch
-    with autocast, handle.token_mask(mask):
+    with autocast, routing_state(handle, batch) if set_routing else nullcontext():
         if start is None:
             hidden = full_forward(model, inputs, mask)
         else:
@@ -209,14 +272,16 @@ def train_run(
     run_dir: Path,
     progress: bool = True,
     stop_after: int | None = None,
+    tasks: list[str] | None = None,
+    steps: int | None = None,
 ) -> dict[str, Any]:
     """Train one run into ``run_dir`` and return its summary (also written to ``train.json``).
 
     ``stop_after`` ends the process early after that many steps (tests use it to
-    simulate a killed job; nothing final is written then).
+    simulate a killed job; nothing final is written then). ``tasks`` trains on those
+    tasks' items only and ``steps`` overrides the step count (MoA's task adapters); a
+    method may ask for both itself (``Method.training_tasks``, ``Method.training_steps``).
     """
-    from contextlib import nullcontext
-
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
@@ -275,18 +340,32 @@ def train_run(
     method_config = method.make_config(**run.method_config)
     torch.manual_seed(run.seed)
     handle = apply_method(model, method, method_config, targets)
+    out_dir = Path(config["out_dir"])
+    method.load_components(handle, [out_dir / c for c in getattr(run, "components", [])])
     model.to(device)
     if train_cfg["gradient_checkpointing"]:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # non-reentrant: recomputes each decoder layer inside backward (see the step below)
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
-    n_steps = total_steps(train_cfg, len(examples))
+    pool = select_examples(examples, tasks if tasks is not None else method.training_tasks(method_config))
+    n_steps = (
+        steps
+        or method.training_steps(method_config, train_cfg, len(pool))
+        or total_steps(train_cfg, len(pool))
+    )
     optimizer = torch.optim.AdamW(
-        handle.trainable_parameters(), lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"]
+        handle.trainable_parameters(),
+        lr=method.learning_rate(method_config, train_cfg) or train_cfg["lr"],
+        weight_decay=train_cfg["weight_decay"]
     )
     scheduler = get_scheduler(
         {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[train_cfg["schedule"]],
         optimizer,
-        num_warmup_steps=min(train_cfg["warmup_steps"], n_steps),
+        num_warmup_steps=warmup_steps(train_cfg, n_steps),
         num_training_steps=n_steps,
     )
 
@@ -303,11 +382,7 @@ def train_run(
     elif log_path.exists():
         log_path.unlink()
 
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cuda" and model_cfg["dtype"] != "float32"
-        else nullcontext()
-    )
+    autocast = step_autocast(device, model_cfg["dtype"])
     batcher = Batcher(examples, cache, tokenizer.pad_token_id, device)
     model.train()
     last_finite = None
@@ -327,17 +402,22 @@ def train_run(
         )
         for step in bar:
             t0 = time.perf_counter()
-            batch = batcher(batch_schedule(len(examples), train_cfg["batch_size"], run.seed, step))
-            loss = answer_loss(model, handle, batch, start, autocast)
-            aux = handle.aux_loss()
-            total = loss if aux is None else loss + aux
-            if not torch.isfinite(total):
-                raise TrainingDiverged(
-                    f"run {run.run_id}: the loss became {float(total)} at step {step} "
-                    f"(run folder {run_dir}); last finite loss: {last_finite}. No metrics were "
-                    "written; lower train.lr or check the method."
-                )
-            total.backward()
+            indices = [pool[j] for j in batch_schedule(len(pool), train_cfg["batch_size"], run.seed, step)]
+            batch = batcher(indices)
+            labels = [examples[i].task for i in indices] if method.needs_task_labels else None
+            # masks and task labels stay set through backward: with gradient checkpointing
+            # each layer's forward (routing included) is recomputed there
+            with handle.task_labels(labels), routing_state(handle, batch):
+                loss = answer_loss(model, handle, batch, start, autocast, set_routing=False)
+                aux = handle.aux_loss()
+                total = loss if aux is None else loss + aux
+                if not torch.isfinite(total):
+                    raise TrainingDiverged(
+                        f"run {run.run_id}: the loss became {float(total)} at step {step} "
+                        f"(run folder {run_dir}); last finite loss: {last_finite}. No metrics "
+                        "were written; lower train.lr or check the method."
+                    )
+                total.backward()
             grad_norm = None
             if train_cfg["max_grad_norm"]:
                 grad_norm = float(
@@ -384,7 +464,8 @@ def train_run(
         "seed": run.seed,
         "steps": n_steps,
         "batch_size": train_cfg["batch_size"],
-        "examples": len(examples),
+        "examples": len(pool),
+        "example_tasks": dict(sorted(Counter(examples[i].task for i in pool).items())),
         "truncated_examples": truncated,
         "final_loss": round(statistics.fmean(all_losses[-10:]), 6),
         "first_loss": all_losses[0],
@@ -392,7 +473,9 @@ def train_run(
             "total": count.total,
             "activated": count.activated,
             "router": count.router,
-            "trainable_numel": handle.trainable_numel(),
+            # adapter parameters of all stages (MoA: its frozen task LoRAs too)
+            "trainable_numel": handle.adapter_numel(),
+            "trained_in_this_run": handle.trainable_numel(),
         },
         "method_config": run.method_config,
         "lower_layer_cache": {

@@ -85,7 +85,7 @@ def test_plugin_that_does_not_import_names_the_module_and_error(tmp_path):
 def test_unknown_method_lists_registered_ones():
     with pytest.raises(UnknownMethodError) as err:
         get_method("mixlora")
-    assert "unknown method 'mixlora'; registered methods: lora, malora, molora, multilora, sira, smora" in str(err.value)
+    assert "unknown method 'mixlora'; registered methods: lora, malora, moa, molora, multilora, sira, smora" in str(err.value)
 
 
 def test_plugin_module_that_registers_nothing_is_refused(tmp_path, monkeypatch):

@@ -9,6 +9,11 @@
   tasks by their ``task`` field; items without one get the test file's stem, in
   both files, so train and test tasks line up). ``seed``, ``train_per_task`` and
   ``test_per_task`` (which the config loader fills in as defaults) are ignored here.
+* ``{"source": "lm_eval", "tasks": ["boolq", "piqa", ...], "train_per_task": None,
+  "seed": 1234, "include_path": None}``: the train splits of lm-eval tasks, rendered
+  by lm-eval (:mod:`harness.data.lm_eval_train`); ``train_per_task`` caps each task
+  (a seeded subset), ``None`` keeps every item. No task folder is written: evaluation
+  scores the same registry tasks (``eval.tasks``) on their own evaluation splits.
 
 and writes into ``out_dir``::
 
@@ -34,11 +39,14 @@ from harness.data.lm_eval_tasks import write_task_folder
 from harness.data.suite import TASKS, generate_suite
 from harness.io import write_if_changed
 
-SOURCES = ("generated", "jsonl")
+SOURCES = ("generated", "jsonl", "lm_eval")
 GENERATED_KEYS = ("source", "seed", "tasks", "train_per_task", "test_per_task")
 JSONL_KEYS = ("source", "train", "test", "tasks")
+LM_EVAL_KEYS = ("source", "tasks", "train_per_task", "seed", "include_path")
 # Filled in by the config loader's schema defaults whatever the source; unused for jsonl.
 _JSONL_IGNORED = ("seed", "train_per_task", "test_per_task")
+# Likewise: lm-eval's own splits decide the test items.
+_LM_EVAL_IGNORED = ("test_per_task",)
 SUITE_PREFIX = "moelora"
 SUMMARY_NAME = "data_summary.json"
 
@@ -51,10 +59,16 @@ def _check_config(data_cfg: dict[str, Any]) -> str:
     source = data_cfg["source"]
     if source not in SOURCES:
         raise ValueError(f"data.source must be one of: {', '.join(SOURCES)} (got {source!r})")
-    valid = GENERATED_KEYS if source == "generated" else JSONL_KEYS + _JSONL_IGNORED
-    unknown = [k for k in data_cfg if k not in valid]
+    valid, shown = {
+        "generated": (GENERATED_KEYS, GENERATED_KEYS),
+        "jsonl": (JSONL_KEYS + _JSONL_IGNORED, JSONL_KEYS),
+        "lm_eval": (LM_EVAL_KEYS + _LM_EVAL_IGNORED, LM_EVAL_KEYS),
+    }[source]
+    if source != "lm_eval" and data_cfg.get("include_path") is not None:
+        raise ValueError(f"data.include_path is only used with source 'lm_eval' (source is {source!r})")
+    # the config loader fills in include_path: None whatever the source
+    unknown = [k for k in data_cfg if k not in valid and not (k == "include_path" and data_cfg[k] is None)]
     if unknown:
-        shown = GENERATED_KEYS if source == "generated" else JSONL_KEYS
         raise ValueError(
             f"unknown data key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
             f"for source {source!r} (valid keys: {', '.join(shown)})"
@@ -129,7 +143,7 @@ def prepare_data(data_cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
             "train_per_task": train_per_task,
             "test_per_task": test_per_task,
         }
-    else:
+    elif source == "jsonl":
         train_path, test_path = Path(data_cfg["train"]), Path(data_cfg["test"])
         test = load_jsonl(test_path)  # default task: the test file's stem ...
         train = load_jsonl(train_path, default_task=test_path.stem)  # ... for both files
@@ -142,6 +156,8 @@ def prepare_data(data_cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
             "test_file": str(test_path),
             "source_sha256": {"train": _sha256(train_path), "test": _sha256(test_path)},
         }
+    else:  # lm_eval: training mixture only; evaluation reads the tasks from lm-eval itself
+        return _prepare_lm_eval(data_cfg, out_dir, summary)
     if not train:
         raise DataError(f"no training items for data config {data_cfg!r}")
 
@@ -164,6 +180,37 @@ def prepare_data(data_cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
             "train.jsonl": _sha256(train_file),
             **{rel: _sha256(out_dir / rel) for rel in test_files.values()},
         },
+    }
+    write_if_changed(out_dir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _prepare_lm_eval(data_cfg: dict[str, Any], out_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    from harness.data.lm_eval_train import load_lm_eval_items
+
+    tasks = data_cfg.get("tasks")
+    include_path = data_cfg.get("include_path")
+    cap = data_cfg.get("train_per_task")
+    seed = data_cfg.get("seed", 1234)
+    train = load_lm_eval_items(tasks, include_path=include_path, split="train", per_task=cap, seed=seed)
+    if not train:
+        raise DataError(f"no training items for data config {data_cfg!r}")
+    train_file = out_dir / "train.jsonl"
+    write_jsonl(train, train_file)
+    summary |= {
+        "seed": seed,
+        "train_per_task": cap,
+        "include_path": include_path,
+        "group": None,
+        "tasks": [],  # no suite task folder: eval.tasks are scored from lm-eval's registry
+        "lm_eval_tasks": list(tasks),
+        "suite_tasks": list(tasks),
+        "families": None,
+        "train_counts": _counts(train),
+        "test_counts": {},
+        "label_histogram": {"train": _label_histogram(train), "test": {}},
+        "files": {"train": "train.jsonl", "task_folder": None, "test": {}},
+        "sha256": {"train.jsonl": _sha256(train_file)},
     }
     write_if_changed(out_dir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
     return summary

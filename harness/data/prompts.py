@@ -41,3 +41,16 @@ def build_prompt(item_or_question: Mapping[str, Any] | str) -> str:
 def continuation(choice: str) -> str:
     """What is scored after the prompt for one answer choice: ``" " + choice``."""
     return TARGET_DELIMITER + choice
+
+
+def training_texts(item: Mapping[str, Any]) -> tuple[str, str]:
+    """``(context, continuation)`` of an item's correct answer, as training sees them.
+
+    Items rendered from lm-eval tasks (:mod:`harness.data.lm_eval_train`) carry the exact
+    strings lm-eval scores (``context``, ``continuation``: the task's own prompt and
+    target delimiter); every other item is rendered with :func:`build_prompt` and
+    :func:`continuation`.
+    """
+    if "context" in item and "continuation" in item:
+        return item["context"], item["continuation"]
+    return build_prompt(item), continuation(item["choices"][item["label"]])

@@ -171,6 +171,8 @@ class Method(ABC):
     dense: ClassVar[bool] = True
     #: whether the method takes part in the granularity sweep (False: one run per seed)
     sweeps_granularity: ClassVar[bool] = True
+    #: the training loop passes each example's task name to the model (``AdapterHandle.task_labels``)
+    needs_task_labels: ClassVar[bool] = False
 
     @abstractmethod
     def count(self, config: MethodConfig, shape: TargetShape) -> ParamCount: ...
@@ -243,3 +245,46 @@ class Method(ABC):
 
     def count_model(self, config: MethodConfig, shapes: Iterable[TargetShape]) -> ParamCount:
         return ParamCount.sum(self.count(config, s) for s in shapes)
+
+    # -- optional hooks for methods trained in stages (all no-ops by default) ----------------
+    def study_options(self, study: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+        """The method's options completed from the study config (e.g. the data's task list),
+        before the budget is solved."""
+        return dict(options or {})
+
+    def plan_variants(self, request: BudgetRequest, options: dict[str, Any]) -> list[Variant]:
+        """The variants of this study; ``options`` are those :meth:`study_options` returned."""
+        return self.variants(request)
+
+    def components(self, study: dict[str, Any], config: MethodConfig, seed: int) -> list[Any]:
+        """Parts trained by separate jobs before this run (MoA's per-task LoRAs). Each has a
+        ``path`` (relative to ``out_dir``) holding ``train.json`` and ``adapter/`` when done."""
+        return []
+
+    def load_components(self, handle: Any, paths: list[Any]) -> None:
+        """Load the finished :meth:`components` (folders, in order) into the built model and
+        freeze them (register them with ``handle.add_frozen``)."""
+        if paths:
+            raise ValueError(f"method {self.name!r} takes no trained components, got {len(paths)}")
+
+    def training_tasks(self, config: MethodConfig) -> list[str] | None:
+        """Train only on the items of these tasks (``None``: the whole training mixture)."""
+        return None
+
+    def training_steps(
+        self, config: MethodConfig, train: dict[str, Any], n_examples: int
+    ) -> int | None:
+        """Optimizer steps of a run (``None``: ``train.steps``, or ``train.epochs`` over the data)."""
+        return None
+
+    def learning_rate(self, config: MethodConfig, train: dict[str, Any]) -> float | None:
+        """Peak learning rate of a run (``None``: ``train.lr``)."""
+        return None
+
+    def task_label_ids(self, config: MethodConfig, tasks: list[str]) -> torch.Tensor:
+        """Task names -> indices the layers understand (-1: no label); see ``needs_task_labels``."""
+        raise NotImplementedError(f"method {self.name!r} does not use task labels")
+
+    def evaluation_metrics(self, loaded: Any, data_dir: Any) -> dict[str, Any]:
+        """Extra numbers for ``metrics.json`` computed on the loaded run (e.g. router accuracy)."""
+        return {}

@@ -71,16 +71,19 @@ def sparse_block_delta(
 
     ``x``: ``(N, d_in)``; ``down``: ``(E·r, d_in)``; ``up``: ``(d_out, E·r)``;
     ``index``: ``(N, k)`` selected experts; ``weight``: ``(N, k)`` their gates.
+
+    Down: the ``k·r`` selected rows of ``A`` per token, one batched matmul. Up: a
+    weighted sum of the selected columns of ``B``, i.e. ``F.embedding_bag`` over the rows
+    of ``Bᵀ`` with the gated ``h`` as per-sample weights (no ``(N, k, d_out, r)`` copy of
+    ``B``; its gradient is an index-add into the selected rows only).
     """
-    n_blocks = down.shape[0] // block_rank
-    d_in = down.shape[1]
-    d_out = up.shape[0]
-    a_blocks = down.view(n_blocks, block_rank, d_in)
-    b_blocks = up.view(d_out, n_blocks, block_rank).permute(1, 0, 2)  # (E, d_out, r)
-    a_sel = a_blocks[index]  # (N, k, r, d_in)
-    h = torch.einsum("nkrd,nd->nkr", a_sel, x) * weight.unsqueeze(-1)
-    b_sel = b_blocks[index]  # (N, k, d_out, r)
-    return torch.einsum("nkor,nkr->no", b_sel, h) * scaling
+    n, k = index.shape
+    offsets = torch.arange(block_rank, device=index.device)
+    rows = (index.unsqueeze(-1) * block_rank + offsets).reshape(n, k * block_rank)  # (N, k·r)
+    h = torch.bmm(down[rows], x.unsqueeze(-1)).squeeze(-1)  # (N, k·r)
+    h = h * expand_gate(weight, block_rank)
+    out = F.embedding_bag(rows, up.t(), per_sample_weights=h.to(up.dtype), mode="sum")
+    return out * scaling
 
 
 def choose_path(path: str, n_blocks: int, top_k: int | None) -> str:

@@ -67,13 +67,26 @@ class AdapterHandle:
             and callable(getattr(module, "aux_loss", None))
             and callable(getattr(module, "expert_load", None))
         }
+        #: adapter parameters trained by an earlier stage and frozen here (MoA's task LoRAs)
+        self.frozen: list[nn.Parameter] = []
 
     # -- counting ---------------------------------------------------------------------
     def analytic_count(self) -> ParamCount:
         return self.method.count_model(self.config, self.targets)
 
     def trainable_numel(self) -> int:
+        """Parameters this run trains."""
         return trainable_numel(self.model)
+
+    def add_frozen(self, params: list[nn.Parameter]) -> None:
+        """Freeze adapter parameters that an earlier stage trained (they still count)."""
+        for p in params:
+            p.requires_grad_(False)
+            self.frozen.append(p)
+
+    def adapter_numel(self) -> int:
+        """Adapter parameters trained in any stage: this run's plus the frozen earlier stages'."""
+        return self.trainable_numel() + sum(p.numel() for p in self.frozen)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -97,17 +110,42 @@ class AdapterHandle:
         return out
 
     @contextlib.contextmanager
-    def token_mask(self, mask: torch.Tensor | None) -> Iterator[None]:
-        """Mark real tokens (``attention_mask``) for routers while a forward pass runs."""
-        flat = None if mask is None else mask.reshape(-1).bool()
-        modules = [m for m in self.model.modules() if hasattr(m, "token_mask")]
-        for m in modules:
-            m.token_mask = flat
+    def token_mask(
+        self, mask: torch.Tensor | None, prompt_mask: torch.Tensor | None = None
+    ) -> Iterator[None]:
+        """Mark real tokens (``attention_mask``) for routers while a forward pass runs.
+
+        ``prompt_mask`` (optional, same shape) marks the prompt's tokens only (not the
+        trained answer tokens after it); modules with a ``prompt_mask`` attribute get it.
+        """
+        with self._set_on_modules(
+            token_mask=None if mask is None else mask.reshape(-1).bool(),
+            prompt_mask=None if prompt_mask is None else prompt_mask.reshape(-1).bool(),
+        ):
+            yield
+
+    @contextlib.contextmanager
+    def task_labels(self, tasks: list[str] | None) -> Iterator[None]:
+        """Each sequence's task (names, one per batch row) for methods that set
+        ``needs_task_labels``, while a forward pass runs; ``None``: no labels."""
+        labels = None if tasks is None else self.method.task_label_ids(self.config, tasks)
+        with self._set_on_modules(task_labels=labels):
+            yield
+
+    @contextlib.contextmanager
+    def _set_on_modules(self, **values: torch.Tensor | None) -> Iterator[None]:
+        """Set each attribute on the modules that declare it; reset to ``None`` afterwards."""
+        touched = []
+        for module in self.model.modules():
+            for name, value in values.items():
+                if hasattr(module, name):
+                    setattr(module, name, value)
+                    touched.append((module, name))
         try:
             yield
         finally:
-            for m in modules:
-                m.token_mask = None
+            for module, name in touched:
+                setattr(module, name, None)
 
     # -- saving and loading -----------------------------------------------------------
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:

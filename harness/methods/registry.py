@@ -24,6 +24,7 @@ BUILTIN_MODULES = (
     "harness.methods.sira",
     "harness.methods.smora",
     "harness.methods.malora",
+    "harness.methods.moa",
 
 
 )

@@ -7,15 +7,16 @@ this folder, so the folder can be moved or copied as a whole.
 
 from __future__ import annotations
 
-import tempfile
+import json
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
 
 def load(file=None, **kwargs):
-    """``datasets.DatasetDict({"test": ...})`` of a JSONL file; other kwargs (lm-eval
-    passes the task metadata and any model args) are ignored."""
+    """``datasets.DatasetDict({"test": ...})`` of a JSONL file, built in memory (no cache
+    to go stale, no builder set-up per task); other kwargs (lm-eval passes the task
+    metadata and any model args) are ignored. The data step validated every line."""
     import datasets
 
     if not file:
@@ -25,15 +26,7 @@ def load(file=None, **kwargs):
         path = HERE / path
     if not path.is_file():
         raise FileNotFoundError(f"suite_data.load: no data file {path}")
-    was_enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        # A private temporary cache: a rewritten file is never served from a stale cache.
-        with tempfile.TemporaryDirectory(prefix="suite-data-") as cache:
-            test = datasets.load_dataset(
-                "json", data_files=str(path), split="train", cache_dir=cache, keep_in_memory=True
-            )
-    finally:
-        if was_enabled:
-            datasets.enable_progress_bars()
+    with open(path, encoding="utf-8") as handle:
+        rows = [json.loads(line) for line in handle if line.strip()]
+    test = datasets.Dataset.from_list(rows)
     return datasets.DatasetDict({"test": test})
