@@ -62,6 +62,7 @@ def compose(
     seed: int = 0,
     top_k: int = 1,
     router_supervision: float = 1.0,
+    router_lr: float | None = 0.01,
     data_dir: str | Path | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -134,6 +135,7 @@ def compose(
         tasks=[info["task"] for info in infos],
         level=level,
         router_supervision=router_supervision,
+        router_lr=router_lr,
         task_steps=first["steps"],
         router_steps=router_steps if router_steps is not None else first["steps"],
     )
@@ -191,6 +193,7 @@ def cmd_compose(args: argparse.Namespace) -> int:
             seed=args.seed,
             top_k=args.top_k,
             router_supervision=args.router_supervision,
+            router_lr=args.router_lr,
             data_dir=args.data_dir,
             progress=not args.quiet,
         )
@@ -229,6 +232,8 @@ def add_commands(sub) -> None:
     p.add_argument("--top-k", type=int, default=1, help="task adapters used per sequence/token")
     p.add_argument("--router-supervision", type=float, default=1.0,
                    help="weight of the task-label cross-entropy on the router")
+    p.add_argument("--router-lr", type=float, default=0.01,
+                   help="the router's peak learning rate (default 0.01, as in a study)")
     p.add_argument("--data-dir", default=None,
                    help="data folder with train.jsonl (default: the first adapter's)")
     p.add_argument("--quiet", action="store_true")
