@@ -1200,7 +1200,7 @@ def write_report(
             "Sparse is faster from experts / top-k = "
             + (f"{point:g}" if point is not None else "(never, in the measured range)")
             + f" on. `path: auto` picks sparse from experts / top-k = {SPARSE_CROSSOVER_RATIO:g} "
-            "(`harness.methods.core.SPARSE_CROSSOVER_RATIO`, recorded from this measurement on the "
+            "(`harness.methods.core.SPARSE_CROSSOVER_RATIO`, set from this benchmark on the "
             "default CPU setup); a method's `path` option (`dense`, `sparse`) overrides it.",
             "",
         ]
