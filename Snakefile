@@ -52,7 +52,7 @@ include: "workflow/rules/moa.smk"
 rule train:
     input:
         ancient(rules.data.output.train),
-        task_adapter_inputs,
+        ancient(task_adapter_inputs),
     output:
         summary=protected(f"{OUT}/runs/{{run}}/train.json"),
         log=f"{OUT}/runs/{{run}}/train_log.jsonl",
