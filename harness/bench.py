@@ -180,6 +180,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _timed(device: torch.device, n: int, fn: Callable[[], Any]) -> list[float]:
+    """Seconds of each of ``n`` calls of ``fn``, bracketed by device synchronisation."""
+    times = []
+    for _ in range(n):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def _quantile(values: Sequence[float], q: float) -> float:
     s = sorted(values)
     if len(s) == 1:
@@ -500,31 +512,20 @@ def make_contender(
 
 
 def train_step(ctx: BenchContext, c: Contender, meter: SavedTensorMeter | None = None) -> float:
-    """One optimizer step, the calls of :func:`harness.train.train_run`'s loop in its order:
-    task labels (methods that ask for them) and the routers' token masks held over forward
-    and backward, task loss + auxiliary loss, backward, clipping, AdamW, scheduler, hooks."""
+    """One optimizer step, :func:`harness.train.optimizer_step` as the training loop calls it."""
     from contextlib import nullcontext
 
-    from harness.train import answer_loss, routing_state
+    from harness.train import optimizer_step
 
     batch = ctx.train_full if c.full_depth else ctx.train_cached
     start = None if c.full_depth else ctx.start
     labels = ctx.train_tasks if c.handle.method.needs_task_labels else None
-    hooks = meter.hooks() if meter is not None else nullcontext()
-    with hooks, c.handle.task_labels(labels), routing_state(c.handle, batch):
-        loss = answer_loss(ctx.model, c.handle, batch, start, ctx.autocast(), set_routing=False)
-        aux = c.handle.aux_loss()
-        total = loss if aux is None else loss + aux
-        if not torch.isfinite(total):
-            raise RuntimeError(f"bench: {c.key}: the loss became {float(total)}")
-        total.backward()
-    max_norm = ctx.config["train"]["max_grad_norm"]
-    if max_norm:
-        float(torch.nn.utils.clip_grad_norm_(c.handle.trainable_parameters(), max_norm))
-    c.optimizer.step()
-    c.scheduler.step()
-    c.optimizer.zero_grad(set_to_none=True)
-    c.handle.after_optimizer_step()
+    with meter.hooks() if meter is not None else nullcontext():
+        loss, _, _ = optimizer_step(
+            ctx.model, c.handle, c.optimizer, c.scheduler, batch, start, ctx.autocast(), labels,
+            ctx.config["train"]["max_grad_norm"],
+            lambda value: RuntimeError(f"bench: {c.key}: the loss became {value}"),
+        )
     value = float(loss.detach())
     c.losses.append(value)
     return value
@@ -585,27 +586,14 @@ def time_round_robin(
             model.train()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            times = []
-            for _ in range(timed):
-                _sync(device)
-                t0 = time.perf_counter()
-                train_step(ctx, c)
-                _sync(device)
-                times.append(time.perf_counter() - t0)
+            times = _timed(device, timed, lambda c=c: train_step(ctx, c))
             if device.type == "cuda":
                 peak = torch.cuda.max_memory_allocated(device)
                 c.cuda_peak_bytes = max(c.cuda_peak_bytes or 0, peak)
             c.step_times.append(times)
             if eval_batches:
                 model.eval()
-                etimes = []
-                for _ in range(eval_batches):
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    eval_batch(ctx, c)
-                    _sync(device)
-                    etimes.append(time.perf_counter() - t0)
-                c.eval_times.append(etimes)
+                c.eval_times.append(_timed(device, eval_batches, lambda c=c: eval_batch(ctx, c)))
                 model.train()
         if progress:
             progress(f"  round {rep + 1}/{repeats} done")

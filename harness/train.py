@@ -266,6 +266,33 @@ def answer_loss(
     return F.cross_entropy(logits.float(), targets)
 
 
+def optimizer_step(
+    model, handle, optimizer, scheduler, batch, start, autocast, labels, max_grad_norm, diverged
+) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
+    """One optimizer step of a run: task loss + the method's auxiliary loss, backward,
+    clipping, AdamW, scheduler and the method's per-step hook; ``(loss, aux, grad_norm)``.
+
+    Task labels and the routers' token masks stay set through backward: with gradient
+    checkpointing each layer's forward (routing included) is recomputed there. A
+    non-finite loss raises ``diverged(value)`` before anything is updated.
+    """
+    with handle.task_labels(labels), routing_state(handle, batch):
+        loss = answer_loss(model, handle, batch, start, autocast, set_routing=False)
+        aux = handle.aux_loss()
+        total = loss if aux is None else loss + aux
+        if not torch.isfinite(total):
+            raise diverged(float(total))
+        total.backward()
+    grad_norm = None
+    if max_grad_norm:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(handle.trainable_parameters(), max_grad_norm))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    handle.after_optimizer_step()
+    return loss, aux, grad_norm
+
+
 def train_run(
     config: dict[str, Any],
     run,
@@ -405,28 +432,18 @@ def train_run(
             indices = [pool[j] for j in batch_schedule(len(pool), train_cfg["batch_size"], run.seed, step)]
             batch = batcher(indices)
             labels = [examples[i].task for i in indices] if method.needs_task_labels else None
-            # masks and task labels stay set through backward: with gradient checkpointing
-            # each layer's forward (routing included) is recomputed there
-            with handle.task_labels(labels), routing_state(handle, batch):
-                loss = answer_loss(model, handle, batch, start, autocast, set_routing=False)
-                aux = handle.aux_loss()
-                total = loss if aux is None else loss + aux
-                if not torch.isfinite(total):
-                    raise TrainingDiverged(
-                        f"run {run.run_id}: the loss became {float(total)} at step {step} "
-                        f"(run folder {run_dir}); last finite loss: {last_finite}. No metrics "
-                        "were written; lower train.lr or check the method."
-                    )
-                total.backward()
-            grad_norm = None
-            if train_cfg["max_grad_norm"]:
-                grad_norm = float(
-                    torch.nn.utils.clip_grad_norm_(handle.trainable_parameters(), train_cfg["max_grad_norm"])
+
+            def diverged(value: float, step: int = step, last: float | None = last_finite) -> TrainingDiverged:
+                return TrainingDiverged(
+                    f"run {run.run_id}: the loss became {value} at step {step} "
+                    f"(run folder {run_dir}); last finite loss: {last}. No metrics "
+                    "were written; lower train.lr or check the method."
                 )
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            handle.after_optimizer_step()
+
+            loss, aux, grad_norm = optimizer_step(
+                model, handle, optimizer, scheduler, batch, start, autocast, labels,
+                train_cfg["max_grad_norm"], diverged,
+            )
             dt = time.perf_counter() - t0
             loss_value = float(loss.detach())
             last_finite = round(loss_value, 6)

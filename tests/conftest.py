@@ -12,6 +12,22 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# the ``model`` section of a study config for a 2-layer tiny random Llama, top layer adapted
+TINY_STUDY_MODEL = {
+    "source": "tiny-random",
+    "tiny": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 512,
+        "seed": 0,
+    },
+    "adapt_layers": {"top": 1},
+}
+
+
 def make_tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 32, intermediate: int = 48):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -30,24 +30,13 @@ import pytest
 import torch
 import yaml
 
+from tests.conftest import TINY_STUDY_MODEL as TINY
+
 ROOT = Path(__file__).resolve().parent.parent
 
 TASKS = ["first", "animal", "last"]
 TRAIN_PER_TASK = 8
 TEST_PER_TASK = 4
-TINY = {
-    "source": "tiny-random",
-    "tiny": {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": 512,
-        "seed": 0,
-    },
-    "adapt_layers": {"top": 1},
-}
 # the 7 projections of one decoder layer (hidden 32, intermediate 64, 2 kv heads of dim 8)
 SHAPES = [(32, 32), (32, 16), (32, 16), (32, 32), (32, 64), (32, 64), (64, 32)]
 SUM_IN_OUT = sum(i + o for i, o in SHAPES)  # 512

@@ -18,21 +18,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import TINY_STUDY_MODEL as TINY
+
 ROOT = Path(__file__).resolve().parent.parent
 
-TINY = {
-    "source": "tiny-random",
-    "tiny": {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": 512,
-        "seed": 0,
-    },
-    "adapt_layers": {"top": 1},
-}
 
 
 def study_config(tmp_path: Path, **overrides) -> Path:
