@@ -1,7 +1,8 @@
-"""The study DAG.
+"""The study DAG: a table of contents of workflow/rules/.
 
-    data -> train (one job per method x granularity x seed) -> evaluate -> summary
-    budget (solver only) and the untrained base model's evaluation run beside them.
+    data -> [train_component] -> train (one job per method x granularity x seed)
+         -> evaluate -> summary -> tables, figures
+    the untrained base model's evaluation runs beside them; bench on request.
 
 Thin rules: each calls `python -m harness <command>`. The config file is
 validated, plugins are loaded and the budget is solved when this file is read,
@@ -46,13 +47,13 @@ rule data:
         "python -m harness data --config {params.config:q} > {log:q} 2>&1"
 
 
-include: "workflow/rules/moa.smk"
+include: "workflow/rules/components.smk"
 
 
 rule train:
     input:
         ancient(rules.data.output.train),
-        ancient(task_adapter_inputs),
+        ancient(component_inputs),
     output:
         summary=protected(f"{OUT}/runs/{{run}}/train.json"),
         log=f"{OUT}/runs/{{run}}/train_log.jsonl",
@@ -92,6 +93,7 @@ rule evaluate:
 rule summary:
     input:
         expand(f"{OUT}/runs/{{run}}/metrics.json", run=ALL_RUNS),
+        expand(f"{OUT}/runs/{{run}}/train.json", run=TRAINED),
     output:
         csv=f"{OUT}/summary.csv",
         md=f"{OUT}/summary.md",

@@ -1,7 +1,7 @@
 """``python -m harness <command>``: the entry points the Snakefile's thin rules call.
 
-Commands: methods, budget, plan, data, train, evaluate, summary, tables, figures,
-bench, compose. Every command validates its config first and exits with a
+Commands: methods, budget, plan, data, train, evaluate, summary, compose, tables,
+figures, bench. Every command validates its config first and exits with a
 one-paragraph message (status 2) on bad input instead of a traceback.
 """
 
@@ -11,48 +11,50 @@ import argparse
 import json
 import sys
 
-USER_ERRORS: tuple[type[BaseException], ...] = ()
+from harness import bench_cli, report_cli, workflow_cli
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by the input (config, data, plugin, folder): one line, no traceback."""
+    from harness.adapters import (
+        BudgetError,
+        ComponentError,
+        CountMismatchError,
+        OptionError,
+        PluginError,
+        UnknownMethodError,
+    )
     from harness.config import ConfigError
-    from harness.methods import BudgetError, PluginError, UnknownMethodError
-    from harness.methods.inject import CountMismatchError
+    from harness.data.jsonl import DataError
     from harness.modeling import ModelSourceError
-    from harness.run_model import RunFolderConflict
-    from harness.summary import MissingResultsError
+    from harness.results import MissingResultsError
+    from harness.run_model import MissingWeightsError, ResultExists, RunFolderConflict
+    from harness.train import TrainingDiverged
 
-    errors: list[type[BaseException]] = [
+    return (
         ConfigError,
         BudgetError,
+        OptionError,
         PluginError,
         UnknownMethodError,
         CountMismatchError,
+        ComponentError,
         ModelSourceError,
         MissingResultsError,
+        MissingWeightsError,
         RunFolderConflict,
-    ]
-    try:
-        from harness.data.jsonl import DataError
-
-        errors.append(DataError)
-    except ImportError:
-        pass
-    try:
-        from harness.train import TrainingDiverged
-
-        errors.append(TrainingDiverged)
-    except ImportError:
-        pass
-    return tuple(errors)
+        ResultExists,
+        DataError,
+        TrainingDiverged,
+    )
 
 
 # -- methods ---------------------------------------------------------------------------
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from harness.methods import all_methods
-    from harness.methods.registry import load_plugin, origin
+    from harness.adapters import all_methods, load_plugin
+    from harness.adapters.registry import is_builtin, origin
 
     for path in args.plugin or []:
         load_plugin(path)
@@ -87,7 +89,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
             print(f"{'':<{width}}  paper: {m.paper}")
         params = ", ".join(f"{k}={v}" for k, v in m.hyperparameters().items())
         print(f"{'':<{width}}  hyperparameters: {params}")
-        if not origin(name).startswith("harness.methods."):
+        if not is_builtin(name):
             print(f"{'':<{width}}  plugin: {origin(name)}")
     return 0
 
@@ -96,15 +98,11 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_budget(args: argparse.Namespace) -> int:
-    from harness.budget import verify_counts
-    from harness.config import load_config
-    from harness.report import budget_frame, budget_table_text
-    from harness.study import load_methods, plan_study
+    from harness.report import budget_frame, budget_table_text, verified_budget
+    from harness.study import plan_from_file
 
-    config = load_config(args.config)
-    plan = plan_study(config)
-    methods = {m.name: m for m, _ in load_methods(config)}
-    verify_counts(plan.rows, methods, plan.shapes)
+    _, plan = plan_from_file(args.config)
+    verified_budget(plan)
     frame = budget_frame(plan)
     if args.json:
         print(json.dumps(frame.to_dict(orient="records"), indent=2, default=str))
@@ -123,16 +121,11 @@ def cmd_budget(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from harness.config import load_config
-    from harness.study import plan_study
+    from harness.study import plan_from_file
 
-    plan = plan_study(load_config(args.config))
-    if args.task_adapters:  # stage-one jobs (MoA), for `python -m harness train-task-adapter`
-        for adapter in plan.task_adapters:
-            print(adapter.name)
-        return 0
-    for run in plan.runs:
-        print(run.run_id)
+    _, plan = plan_from_file(args.config)
+    for run in plan.components if args.components else plan.runs:
+        print(run.path if args.components else run.run_id)
     return 0
 
 
@@ -153,26 +146,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("budget", help="parameter budget of every run a config defines (no weights)")
-    p.add_argument("--config", required=True)
+    p.add_argument("--config", required=True, metavar="FILE", help="study config (YAML)")
     p.add_argument("--json", action="store_true", help="print JSON records instead of a table")
     p.set_defaults(func=cmd_budget)
 
-    p = sub.add_parser("plan", help="list the run folders a config defines")
-    p.add_argument("--config", required=True)
+    p = sub.add_parser("plan", help="list the run ids a config defines")
+    p.add_argument("--config", required=True, metavar="FILE", help="study config (YAML)")
     p.add_argument(
-        "--task-adapters",
+        "--components",
         action="store_true",
-        help="list the stage-one task-adapter folders (MoA) instead of the runs",
+        help="list the component folders staged methods are built on (e.g. task adapters) "
+        "instead of the runs",
     )
     p.set_defaults(func=cmd_plan)
-
-    from harness import bench_cli, report_cli, workflow_cli
 
     workflow_cli.add_commands(sub)
     report_cli.add_commands(sub)
     bench_cli.add_commands(sub)
-    from harness import compose as compose_cli  # MoA's stages: compose, train-task-adapter
-    compose_cli.add_commands(sub)
     return parser
 
 

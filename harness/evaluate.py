@@ -3,8 +3,13 @@
 ``lm_eval.simple_evaluate`` scores the run's model (:class:`harness.lm_model.HarnessLM`)
 on the suite's task folder (written by the data step) plus any lm-eval registry
 tasks in ``eval.tasks``. The run folder keeps lm-eval's results JSON unchanged
-(``lm_eval_results.json``: its config, versions and per-task metrics) and a small
-``metrics.json`` with the numbers the tables use.
+(``lm_eval_results.json``: its config, versions and per-task metrics), a small
+``metrics.json`` with the numbers the tables use and, for a routed method,
+``routing.json``: which experts each task's scored sequences used, per adapted module
+(recorded while lm-eval scored, :class:`harness.adapters.routing.RoutingRecord`).
+``metrics.json`` gets the effective number of experts from it (``exp`` of the entropy
+of each module's expert distribution, averaged over modules) and the method's own
+numbers (``method_metrics``, e.g. a router's accuracy at picking the task's adapter).
 
 With ``data.source: lm_eval`` there is no suite task folder (the data summary has
 group ``None`` and no tasks): the run is scored on ``eval.tasks`` alone, looked up
@@ -14,11 +19,20 @@ column and ``suite_acc`` is the unweighted mean of their ``acc``.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
 
-from harness.io import atomic_write_json, atomic_write_text
+import lm_eval
+from lm_eval.tasks import TaskManager
+from lm_eval.utils import handle_non_serializable
+
+from harness.adapters.routing import RoutingRecord
+from harness.io import atomic_write_json, atomic_write_text, read_json
+from harness.lm_model import HarnessLM
+from harness.provenance import provenance
+from harness.run_model import write_run_spec
 
 SUITE_PREFIX = "moelora"
 SUITE_GROUP = f"{SUITE_PREFIX}_suite"
@@ -26,23 +40,13 @@ SUITE_GROUP = f"{SUITE_PREFIX}_suite"
 
 def suite_task_names(data_dir: Path) -> tuple[str, list[str]]:
     """The group name and the task names the data step wrote (from data_summary.json)."""
-    from harness.io import read_json
-
     summary = read_json(data_dir / "data_summary.json")
     return summary["group"], list(summary["tasks"])
 
 
 def evaluate_run(config: dict[str, Any], run, run_dir: Path, progress: bool = True) -> dict[str, Any]:
-    import json
-
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-    from lm_eval.utils import handle_non_serializable
-
-    from harness.lm_model import HarnessLM
-    from harness.provenance import provenance
-    from harness.run_model import write_run_spec
-
+    """Score ``run`` with lm-eval and write ``lm_eval_results.json``, ``metrics.json`` and
+    (routed methods) ``routing.json`` into ``run_dir``; returns the metrics."""
     wall = time.perf_counter()
     eval_cfg = config["eval"]
     data_dir = Path(config["out_dir"]) / "data"
@@ -53,6 +57,7 @@ def evaluate_run(config: dict[str, Any], run, run_dir: Path, progress: bool = Tr
         batch_size=eval_cfg["batch_size"],
         threads=config["train"]["threads"],
     )
+    lm.record_routing = True
     load_s = time.perf_counter() - wall
     extra = list(eval_cfg.get("tasks") or [])
     if group is None:  # data.source lm_eval: the registry tasks of eval.tasks are the suite
@@ -86,13 +91,11 @@ def evaluate_run(config: dict[str, Any], run, run_dir: Path, progress: bool = Tr
         run_dir / "lm_eval_results.json",
         json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n",
     )
+    short = {name: name.removeprefix(f"{SUITE_PREFIX}_") for name in task_names}
     per_task = {}
     for name in task_names:
         r = results["results"][name]
-        per_task[name.removeprefix(f"{SUITE_PREFIX}_")] = {
-            "acc": r["acc,none"],
-            "acc_stderr": r.get("acc_stderr,none"),
-        }
+        per_task[short[name]] = {"acc": r["acc,none"], "acc_stderr": r.get("acc_stderr,none")}
     if group is None:  # task_names is empty: the eval.tasks are the per-task columns
         for name in extra:
             r = results["results"][name]
@@ -105,9 +108,19 @@ def evaluate_run(config: dict[str, Any], run, run_dir: Path, progress: bool = Tr
         for name in extra
         if name in results["results"]
     }
-    # method-specific numbers (MoA: the router's accuracy at picking the item's task adapter)
-    handle = lm.run.handle
-    method_metrics = {} if handle is None else handle.method.evaluation_metrics(lm.run, data_dir)
+    routing = lm.routing_record()
+    method_metrics: dict[str, Any] = {}
+    if routing is not None:
+        routing = RoutingRecord(
+            shares={m: {short.get(t, t): v for t, v in by_task.items()} for m, by_task in routing.shares.items()},
+            sequences={short.get(t, t): n for t, n in routing.sequences.items()},
+        )
+        atomic_write_json(
+            run_dir / "routing.json",
+            {"run_id": run.run_id, "sequences": routing.sequences, "shares": routing.shares},
+        )
+        handle = lm.run.handle
+        method_metrics = handle.method.evaluation_metrics(handle.config, routing)
     metrics = {
         "run_id": run.run_id,
         "method": run.method,
@@ -115,7 +128,8 @@ def evaluate_run(config: dict[str, Any], run, run_dir: Path, progress: bool = Tr
         "granularity": run.granularity,
         "seed": run.seed,
         "suite_acc": suite,
-        **method_metrics,
+        "effective_experts": None if routing is None else round(routing.effective_experts(), 4),
+        "method_metrics": method_metrics,
         "tasks": per_task,
         "extra_tasks": extra_scores,
         "lm_eval_version": lm_eval.__version__,

@@ -1,8 +1,7 @@
 """Figures regenerated from stored run results (matplotlib, Agg; PNG and PDF of each).
 
-Reads the same stored files as :mod:`harness.aggregate` (through
-:func:`harness.aggregate.collect_results` with the training logs) and trains
-nothing. Every figure is readable in greyscale: each method has its own marker
+Reads the stored results through the one reader (:func:`harness.results.collect_results`
+with the training logs) and trains nothing. Every figure is readable in greyscale: each method has its own marker
 and line style as well as its own colour, the heatmap writes its numbers in
 the cells, and every axis is labelled with its unit. In figures 1 and 2 the y axis
 fits the trained runs; when the untrained base model lies far below them its line
@@ -14,9 +13,9 @@ Figures, written to ``{out_dir}/figures/`` by :func:`write_figures`:
    rank R and activated rank K (log2 axis, ticks at the study's G); y = suite
    accuracy (%), the mean over seeds with error bars of one sample standard
    deviation (ddof = 1); one line per method that sweeps G (the routed methods
-   and MultiLoRA); MoA, trained at one point, is a single marker at ``x = T`` (its
-   number of task adapters). Horizontal bands: LoRA rank R and rank K (mean ± std over
-   seeds); dashed line: the untrained base model.
+   and MultiLoRA); a method trained at one point (e.g. MoA over T task adapters) is a
+   single marker at its granularity. Horizontal bands: LoRA rank R and rank K (mean ± std
+   over seeds); dashed line: the untrained base model.
 2. ``params_vs_acc``: activated adapter parameters (log axis) against suite
    accuracy (%), one point per run; the Pareto front is the step line through the
    runs that no run with at most as many activated parameters beats: run ``i`` is
@@ -53,17 +52,18 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from harness.aggregate import (
-    DISPLAY_NAMES,
+from harness.aggregate import main_table
+from harness.io import atomic_write_bytes
+from harness.results import (
     StudyResults,
     base_key,
     collect_results,
-    main_table,
+    display_name,
+    is_reference,
     reference_key,
     row_label,
     variant_key,
 )
-from harness.io import atomic_write_bytes
 
 if TYPE_CHECKING:
     from harness.study import StudyPlan
@@ -103,11 +103,13 @@ _RC = {
 
 def method_styles(plan: StudyPlan) -> dict[str, dict[str, Any]]:
     """One colour, marker and line style per method, in the order of the study's methods;
-    LoRA (the reference) is always dark grey with round markers."""
+    the reference (LoRA) is always dark grey with round markers."""
     methods: list[str] = []
+    references: list[str] = []
     for row in plan.rows:
-        if row.method not in methods and row.method != "lora":
-            methods.append(row.method)
+        target = references if row.reference_method else methods
+        if row.method not in target:
+            target.append(row.method)
     styles = {
         m: {
             "color": _COLORS[i % len(_COLORS)],
@@ -116,7 +118,8 @@ def method_styles(plan: StudyPlan) -> dict[str, dict[str, Any]]:
         }
         for i, m in enumerate(methods)
     }
-    styles["lora"] = {"color": "0.25", "marker": "o", "linestyle": "-"}
+    for method in references:
+        styles[method] = {"color": "0.25", "marker": "o", "linestyle": "-"}
     return styles
 
 
@@ -149,14 +152,14 @@ def _base_off_axis_note(ax, base: float) -> None:
 
 
 def _name(method: str) -> str:
-    return DISPLAY_NAMES.get(method, method)
+    return display_name(method)
 
 
 def _swept_methods(plan: StudyPlan) -> list[str]:
-    """Methods drawn against G: every method but the LoRA references and the base model."""
+    """Methods drawn against G: every method but the references and the base model."""
     out: list[str] = []
     for row in plan.rows:
-        if row.method != "lora" and row.method not in out:
+        if not row.reference_method and row.method not in out:
             out.append(row.method)
     return out
 
@@ -224,10 +227,9 @@ def fig_granularity(results: StudyResults) -> Figure:
             continue
         style = styles[method]
         label = _name(method)
-        tags = [r.variant.tag for r in rows]
-        if len(tags) == 1 and tags[0].startswith("T") and tags[0][1:].isdigit():
-            # MoA: one marker at x = T, the number of task adapters (its granularity)
-            label += f" ({tags[0][1:]} task adapters)"
+        if len(rows) == 1 and not rows[0].variant.tag.startswith("G"):
+            # one point at its granularity (e.g. MoA over T task adapters: tag T6)
+            label += f" ({rows[0].variant.tag})"
         ax.errorbar(
             xs,
             ys,
@@ -387,9 +389,10 @@ def fig_params_vs_acc(results: StudyResults) -> Figure:
 def fig_task_heatmap(results: StudyResults) -> Figure:
     plan = results.plan
     table = main_table(results).set_index("label")
-    ref_label = row_label(plan, "lora", reference_key(plan, "R").split("-", 1)[1])
+    ref = reference_key(plan, "R")
+    ref_label = row_label(plan, *ref.split("-", 1)) if ref else None
     columns = [*results.tasks, "suite_mean"]
-    if ref_label in table.index:
+    if ref_label is not None and ref_label in table.index:
         delta = table[columns].astype(float) - table.loc[ref_label, columns].astype(float)
         delta = delta.drop(index=ref_label)
     else:  # no LoRA rank R in this study: the deltas are taken against the study's mean row
@@ -557,15 +560,15 @@ def fig_expert_load(results: StudyResults) -> Figure:
 
 
 def _curve_keys(plan: StudyPlan) -> list[tuple[str, str]]:
-    """``(key, legend label)``: the LoRA references and every other method at its finest G."""
+    """``(key, legend label)``: the references and every other method at its finest G."""
     keys = []
     for which in ("R", "K"):
         key = reference_key(plan, which)
-        if any(variant_key(r.method, r.variant.tag) == key for r in plan.rows):
-            keys.append((key, row_label(plan, "lora", key.split("-", 1)[1])))
+        if key is not None:
+            keys.append((key, row_label(plan, *key.split("-", 1))))
     finest: dict[str, tuple[int, str]] = {}
     for row in plan.rows:
-        if row.method == "lora":
+        if row.reference_method:
             continue
         g = row.variant.granularity
         if row.method not in finest or g > finest[row.method][0]:
@@ -593,7 +596,7 @@ def fig_training_curves(results: StudyResults) -> Figure:
         smooth = mean.rolling(window, center=True, min_periods=1).mean()
         every = max(1, len(smooth) // 8)  # markers staggered between lines
         method = key.split("-", 1)[0]
-        if method == "lora":
+        if is_reference(plan, method):
             which = "R" if key == reference_key(plan, "R") else "K"
             color, ls, marker = lora_styles[which]
         else:

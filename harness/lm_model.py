@@ -7,16 +7,25 @@ are deduplicated (all choices of a single-token multiple-choice question share
 one sequence: the context) and, when only the top layers are adapted, the frozen
 lower layers come from a cache shared by every run on the same prompts, so they
 are computed once per study instead of once per run. Both give exactly the
-numbers of a full-depth forward (tests/test_lm_model.py).
+numbers of a full-depth forward (``tests/test_e2e.py``, ``tests/test_split.py``).
+
+With ``record_routing`` on (the harness's own evaluation sets it), every routed layer's
+per-token expert shares are gathered per lm-eval task while scoring:
+:meth:`HarnessLM.routing_record` says which experts each task's sequences used.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 from lm_eval.api.model import TemplateLM
 from tqdm.auto import tqdm
+
+from harness.adapters.routing import RoutingRecord
+from harness.runtime import autocast_context
+from harness.split import cached_lower, full_forward, logits_at, pad_batch, upper_forward
 
 
 def score_logprobs(
@@ -31,8 +40,6 @@ def score_logprobs(
     positions ``(rows[i], cols[i])``. ``inputs`` are the cached hidden states entering
     layer ``start``, or token ids when ``start`` is None (full depth). The benchmark
     times this function (``python -m harness bench``)."""
-    from harness.split import full_forward, logits_at, upper_forward
-
     if start is not None:
         hidden = upper_forward(model, inputs, attention_mask, start)
     else:
@@ -40,8 +47,49 @@ def score_logprobs(
     return torch.log_softmax(logits_at(model, hidden, rows, cols).float(), dim=-1)
 
 
+class RoutingAccumulator:
+    """Per (module, task): the sum of each scored sequence's expert shares (its per-token
+    shares averaged over its real tokens) and the number of sequences."""
+
+    def __init__(self):
+        self.seq_tasks: list[tuple[str, ...]] = []
+        self.sums: dict[str, dict[str, torch.Tensor]] = {}
+        self.sequences: dict[str, int] = {}
+
+    def start(self, seq_tasks: list[tuple[str, ...]]) -> None:
+        """A scoring call begins: its unique sequences belong to these tasks (lm-eval may
+        score in several calls; sums and counts accumulate over them)."""
+        self.seq_tasks = seq_tasks
+        for tasks in seq_tasks:
+            for t in tasks:
+                self.sequences[t] = self.sequences.get(t, 0) + 1
+
+    def add(self, shares: dict[str, torch.Tensor], mask: torch.Tensor, seq_ids: list[int]) -> None:
+        real = mask.float()  # (B, L)
+        count = real.sum(1, keepdim=True).clamp_min(1.0)
+        for module, per_token in shares.items():
+            per_seq = (per_token.view(*mask.shape, -1).float() * real.unsqueeze(-1)).sum(1) / count
+            per_seq = per_seq.cpu()
+            sums = self.sums.setdefault(module, {})
+            for row, seq in enumerate(seq_ids):
+                for task in self.seq_tasks[seq]:
+                    if task in sums:
+                        sums[task] += per_seq[row]
+                    else:
+                        sums[task] = per_seq[row].clone()
+
+    def record(self) -> RoutingRecord | None:
+        if not self.sums:
+            return None
+        shares = {
+            module: {t: [round(float(v), 6) for v in s / self.sequences[t]] for t, s in by_task.items()}
+            for module, by_task in self.sums.items()
+        }
+        return RoutingRecord(shares=shares, sequences=dict(self.sequences))
+
+
 class HarnessLM(TemplateLM):
-    """Registered in lm-eval's model registry as ``moe-lora`` by :mod:`harness.lm_eval_hook`."""
+    """Registered in lm-eval's model registry as ``moe-lora`` (see ``harness_lm_eval_hook``)."""
 
     def __init__(
         self,
@@ -65,9 +113,14 @@ class HarnessLM(TemplateLM):
         self.model = self.run.model
         self.tokenizer = self.run.tokenizer
         self.device_ = next(self.model.parameters()).device
+        self.autocast_dtype = self.run.spec["model"].get("dtype", "float32")
         self.batch_size_ = 64 if batch_size in (None, "auto") else int(str(batch_size).split(":")[0])
         self.use_cache = str(lower_cache).lower() not in ("false", "0", "no")
         self.max_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        #: gather each task's expert shares while scoring (off for plain lm_eval use)
+        self.record_routing = False
+        self._request_tasks: list[str] | None = None
+        self._routing: RoutingAccumulator | None = None
 
     # -- TemplateLM interface -----------------------------------------------------------
     @property
@@ -86,17 +139,32 @@ class HarnessLM(TemplateLM):
             "harness_base_model": spec["model"]["source"],
         }
 
+    def routing_record(self) -> RoutingRecord | None:
+        """Which experts each lm-eval task's scored sequences used (``record_routing``
+        must have been on while scoring); ``None`` when nothing routes per token."""
+        return None if self._routing is None else self._routing.record()
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        # remember each request's task: _loglikelihood_tokens gets them in the same order
+        self._request_tasks = [getattr(r, "task_name", None) or "" for r in requests]
+        try:
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        finally:
+            self._request_tasks = None
+
     def _real_tokens(self, mask: torch.Tensor):
         """Mark the batch's real tokens for the adapter layers (no-op for the base model)."""
-        from contextlib import nullcontext
-
         handle = self.run.handle
         return nullcontext() if handle is None else handle.token_mask(mask)
 
+    def _recording(self):
+        handle = self.run.handle
+        if not self.record_routing or handle is None:
+            return nullcontext()
+        return handle.recording_routing()
+
     @torch.no_grad()
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        from harness.split import cached_lower, pad_batch
-
         scored: list[tuple[tuple[int, ...], int, list[int]]] = []
         for _, context_enc, continuation_enc in requests:
             whole = (context_enc + continuation_enc)[-(self.max_length + 1) :]
@@ -104,6 +172,13 @@ class HarnessLM(TemplateLM):
             scored.append((seq, len(seq) - len(continuation_enc), continuation_enc))
         unique = sorted({s for s, _, _ in scored}, key=lambda s: (len(s), s))
         index = {s: i for i, s in enumerate(unique)}
+        if self.record_routing and self.run.handle is not None:
+            tasks: list[dict[str, None]] = [{} for _ in unique]
+            names = self._request_tasks or [""] * len(scored)
+            for (seq, _, _), task in zip(scored, names):
+                tasks[index[seq]].setdefault(task, None)
+            self._routing = self._routing or RoutingAccumulator()
+            self._routing.start([tuple(t) for t in tasks])
         start = self.run.split_start if self.use_cache else None
         cache = None
         if start is not None:
@@ -138,16 +213,19 @@ class HarnessLM(TemplateLM):
                     rows.append(row)
                     cols.append(pos)
                     keys.append((i, pos))
-            # routers that pool over a sequence (MoA) must not see the padding
-            with self._real_tokens(mask.to(self.device_)):
+            mask = mask.to(self.device_)
+            # routers that pool over a sequence must not see the padding
+            with self._real_tokens(mask), self._recording(), autocast_context(self.device_, self.autocast_dtype):
                 scores = score_logprobs(
                     self.model,
                     inputs.to(self.device_),
-                    mask.to(self.device_),
+                    mask,
                     start if cache is not None else None,
                     torch.tensor(rows, device=self.device_),
                     torch.tensor(cols, device=self.device_),
                 )
+                if self.record_routing and self.run.handle is not None:
+                    self._routing.add(self.run.handle.routing_shares(), mask, ids)
             for key, row in zip(keys, scores.cpu()):
                 logprobs[key] = row
         results = []
@@ -176,13 +254,14 @@ class HarnessLM(TemplateLM):
                 until = [until]
             max_new = int(gen_kwargs.get("max_gen_toks", 256))
             ids = torch.tensor([self.tok_encode(context)], device=self.device_)
-            generated = self.model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new,
-                do_sample=False,
-                pad_token_id=self.tokenizer.pad_token_id,
-            )
+            with autocast_context(self.device_, self.autocast_dtype):
+                generated = self.model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=max_new,
+                    do_sample=False,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                )
             text = self.tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True)
             for stop in until:
                 if stop and stop in text:

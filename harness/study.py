@@ -16,10 +16,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from harness.adapters import Component, PlanContext, TargetShape, get_method, load_plugin
 from harness.budget import BudgetRequest, BudgetRow, solve_study
-from harness.config import method_entries
-from harness.methods import get_method, load_plugin
-from harness.methods.base import TargetShape
+from harness.config import load_config, method_entries
 
 #: settings that change where or how fast things run, not what is computed (device and
 #: thread count can still move the last bits of floating-point results)
@@ -29,15 +28,23 @@ _EXECUTION_ONLY = {
     "eval": ("include_base", "batch_size"),
 }
 
-PACKAGED_MODEL_CONFIGS = Path(__file__).with_name("model_configs")
-
-
 def short_hash(obj: Any, n: int = 8) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
 
 
+RUNS_DIR = "runs"
+
+
 @dataclass
 class Run:
+    """One training job: a run of the study (``runs/<run id>``, evaluated) or a component a
+    staged run is built on (``<group>/<name>``, e.g. ``task_adapters/first-r4-s0-59304226``).
+
+    ``components``: folders (relative to ``out_dir``) of the parts this run loads, in the
+    method's order; ``tasks``/``steps``: a component's own training items and step count
+    (``None``: the method's choice, else the study's).
+    """
+
     run_id: str
     method: str
     tag: str
@@ -46,12 +53,23 @@ class Run:
     method_config: dict[str, Any]
     effective: dict[str, Any]
     row: BudgetRow | None = None
-    #: folders (relative to out_dir) of parts trained by earlier jobs, e.g. MoA's task LoRAs
     components: list[str] = field(default_factory=list)
+    tasks: list[str] | None = None
+    steps: int | None = None
+    group: str = RUNS_DIR
 
     @property
     def is_base(self) -> bool:
         return self.method == "base"
+
+    @property
+    def is_component(self) -> bool:
+        return self.group != RUNS_DIR
+
+    @property
+    def path(self) -> str:
+        """The run's folder, relative to ``out_dir``."""
+        return f"{self.group}/{self.run_id}"
 
 
 @dataclass
@@ -60,21 +78,26 @@ class StudyPlan:
     shapes: list[TargetShape]
     rows: list[BudgetRow]
     runs: list[Run] = field(default_factory=list)
-    #: stage-one jobs of two-stage methods (MoA's per-task LoRAs), each once
-    task_adapters: list[Any] = field(default_factory=list)
+    #: parts trained by their own jobs before the runs that load them, each once
+    components: list[Run] = field(default_factory=list)
 
     @cached_property
     def by_id(self) -> dict[str, Run]:
-        return {r.run_id: r for r in self.runs}
+        return {r.run_id: r for r in [*self.runs, *self.components]}
 
     def run(self, run_id: str) -> Run:
+        """A run or component of the plan by id (folder name); a near miss is named."""
         try:
             return self.by_id[run_id]
         except KeyError:
-            known = ", ".join(sorted(self.by_id)[:8])
+            import difflib
+
+            close = difflib.get_close_matches(run_id, list(self.by_id), n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise KeyError(
-                f"run {run_id!r} is not part of study {self.config['study']!r} as configured; "
-                f"known runs include: {known}"
+                f"run {run_id!r} is not part of study {self.config['study']!r} as configured"
+                f"{hint} List them with `python -m harness plan --config <config>`"
+                + (" (--components for the components)" if self.components else "")
             ) from None
 
     @property
@@ -82,22 +105,17 @@ class StudyPlan:
         return Path(self.config["out_dir"])
 
     def run_dir(self, run: Run | str) -> Path:
-        run_id = run if isinstance(run, str) else run.run_id
-        return self.out_dir / "runs" / run_id
+        run = self.run(run) if isinstance(run, str) else run
+        return self.out_dir / run.path
 
     @property
     def trained_runs(self) -> list[Run]:
         return [r for r in self.runs if not r.is_base]
 
-    def task_adapter(self, name: str):
-        for adapter in self.task_adapters:
-            if adapter.name == name:
-                return adapter
-        known = ", ".join(a.name for a in self.task_adapters[:8]) or "none"
-        raise KeyError(
-            f"task adapter {name!r} is not part of study {self.config['study']!r} as "
-            f"configured; known task adapters include: {known}"
-        )
+    @property
+    def training_jobs(self) -> list[Run]:
+        """Everything that trains: the components first, then the trained runs."""
+        return [*self.components, *self.trained_runs]
 
 
 def _strip(section: dict[str, Any], name: str) -> dict[str, Any]:
@@ -129,42 +147,9 @@ def effective_common(config: dict[str, Any]) -> dict[str, Any]:
 # -- shapes from a config alone ------------------------------------------------------------
 
 
-def planning_model(model_cfg: dict[str, Any]):
-    """The base model built on the ``meta`` device from its config alone (no weights)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
-
-    from harness.modeling import TINY_DEFAULTS, ModelSourceError
-
-    source = model_cfg["source"]
-    if model_cfg.get("config_json"):
-        path = Path(model_cfg["config_json"])
-        if not path.exists():
-            raise ModelSourceError(f"model.config_json {str(path)!r} does not exist")
-        config = AutoConfig.from_pretrained(str(path))
-    elif source == "tiny-random":
-        spec = {**TINY_DEFAULTS, **(model_cfg.get("tiny") or {})}
-        config = LlamaConfig(
-            vocab_size=spec["vocab_size"],
-            hidden_size=spec["hidden_size"],
-            intermediate_size=spec["intermediate_size"],
-            num_hidden_layers=spec["num_hidden_layers"],
-            num_attention_heads=spec["num_attention_heads"],
-            num_key_value_heads=spec["num_key_value_heads"],
-            tie_word_embeddings=True,
-        )
-    elif source == "smollm2":
-        config = AutoConfig.from_pretrained(str(PACKAGED_MODEL_CONFIGS / "smollm2-135m-instruct.json"))
-    else:
-        from harness.modeling import _local_or_cached
-
-        config = AutoConfig.from_pretrained(str(_local_or_cached(source)))
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
-
-
 def study_shapes(config: dict[str, Any]) -> list[TargetShape]:
-    from harness.modeling import adapted_layer_indices, target_shapes
+    """The adapted layers' shapes, from the model built on the ``meta`` device (no weights)."""
+    from harness.modeling import adapted_layer_indices, planning_model, target_shapes
 
     model = planning_model(config["model"])
     layers = adapted_layer_indices(model, config["model"]["adapt_layers"])
@@ -174,14 +159,58 @@ def study_shapes(config: dict[str, Any]) -> list[TargetShape]:
 # -- the plan ------------------------------------------------------------------------------
 
 
+def plan_context(config: dict[str, Any]) -> PlanContext:
+    """What a method may know when its options are completed: the training data's task
+    names and the configured step count."""
+    from harness.data.tasks import training_task_names
+
+    return PlanContext(tasks=training_task_names(config["data"]) or None, steps=config["train"].get("steps"))
+
+
 def load_methods(config: dict[str, Any]):
+    """``[(method, options), ...]`` in config order: plugins loaded, options completed."""
     for path in config.get("plugins", []):
         load_plugin(path)
+    context = plan_context(config)
     out = []
     for name, options in method_entries(config):
         method = get_method(name)
-        out.append((method, method.study_options(config, options)))
+        out.append((method, method.prepare_options(options, context)))
     return out
+
+
+def component_run(config: dict[str, Any], component: Component, seed: int) -> Run:
+    """The job that trains ``component`` for ``seed``: its folder name hashes the base model,
+    the data settings (not the task selection), the training settings (not the step count
+    when the component sets its own), its method, identity, seed and steps."""
+    common = effective_common(config)
+    train = dict(common["train"])
+    if component.steps is not None:
+        train.pop("steps", None)  # replaced by the component's own step count
+    effective = _drop_unset(
+        {
+            "model": common["model"],
+            "data": {k: v for k, v in common["data"].items() if k != "tasks"},
+            "train": train,
+            "method": component.method,
+            **component.identity,
+            "seed": seed,
+            "steps": component.steps,
+        }
+    )
+    name = f"{component.stem}-s{seed}-{short_hash(effective)}"
+    return Run(
+        name,
+        component.method,
+        component.tag,
+        1,
+        seed,
+        dict(component.config),
+        effective,
+        tasks=list(component.tasks) if component.tasks is not None else None,
+        steps=component.steps,
+        group=component.group,
+    )
 
 
 def plan_study(config: dict[str, Any], shapes: list[TargetShape] | None = None) -> StudyPlan:
@@ -192,6 +221,7 @@ def plan_study(config: dict[str, Any], shapes: list[TargetShape] | None = None) 
     rows = solve_study(request, methods, shapes)
     plan = StudyPlan(config=config, shapes=shapes, rows=rows)
     common = effective_common(config)
+    known: set[str] = set()
     for row in rows:
         for seed in config["train"]["seeds"]:
             effective = {
@@ -201,15 +231,18 @@ def plan_study(config: dict[str, Any], shapes: list[TargetShape] | None = None) 
                 "method_config": row.config.to_dict(),
                 "seed": seed,
             }
-            components = get_method(row.method).components(config, row.config, seed)
-            if components:
-                effective["components"] = [c.path for c in components]
-                known = {a.path for a in plan.task_adapters}
-                plan.task_adapters += [c for c in components if c.path not in known]
+            parts = [
+                component_run(config, c, seed)
+                for c in get_method(row.method).components(row.config, seed)
+            ]
+            if parts:
+                effective["components"] = [p.path for p in parts]
+                plan.components += [p for p in parts if p.path not in known]
+                known.update(p.path for p in parts)
             run_id = f"{row.method}-{row.variant.tag}-s{seed}-{short_hash(effective)}"
             plan.runs.append(
                 Run(run_id, row.method, row.variant.tag, row.variant.granularity, seed,
-                    row.config.to_dict(), effective, row, [c.path for c in components])
+                    row.config.to_dict(), effective, row, [p.path for p in parts])
             )
     if config["eval"]["include_base"]:
         effective = {"model": common["model"], "data": common["data"], "eval": common["eval"],
@@ -217,3 +250,9 @@ def plan_study(config: dict[str, Any], shapes: list[TargetShape] | None = None) 
         run_id = f"base-G0-s0-{short_hash(effective)}"
         plan.runs.append(Run(run_id, "base", "G0", 0, 0, {}, effective))
     return plan
+
+
+def plan_from_file(config_path: str | Path) -> tuple[dict[str, Any], StudyPlan]:
+    """``(validated config, plan)`` of a study config file."""
+    config = load_config(config_path)
+    return config, plan_study(config)

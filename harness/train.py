@@ -1,6 +1,6 @@
 """Training one run: the same loop, optimizer, schedule, batches and prompts for every method.
 
-The loop knows methods only through :class:`~harness.methods.inject.AdapterHandle`:
+The loop knows methods only through :class:`~harness.adapters.inject.AdapterHandle`:
 the task loss (cross-entropy on the answer token(s), logits computed only there)
 plus ``handle.aux_loss()``, then ``handle.after_optimizer_step()`` once per
 step. Batches come in a fixed order derived from the seed alone, so every
@@ -20,7 +20,8 @@ import shutil
 import statistics
 import time
 from collections import Counter
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from harness.io import atomic_write_json, atomic_write_text, read_json
-from harness.methods import get_method
-from harness.methods.inject import AdapterHandle, apply_method
+from harness.adapters import AdapterHandle, get_method
+from harness.io import atomic_write_json
+from harness.runtime import BaseModel, attach_method, autocast_context, load_base
 
 LOG_LOAD_EVERY = 10
 
@@ -129,23 +130,26 @@ def warmup_steps(train_cfg: dict[str, Any], n_steps: int) -> int:
     return min(int(steps), n_steps)
 
 
-def select_device(preference: str) -> torch.device:
-    """``cpu``, ``cuda`` (refused without a GPU) or ``auto``: CUDA when available, else CPU."""
-    if preference == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("model.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-    if preference == "cpu":
-        return torch.device("cpu")
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
 
-def step_autocast(device: torch.device, dtype_name: str):
-    """The autocast context of a training step (also used by the benchmark): bf16 autocast
-    on CUDA when the model's dtype is not float32, none otherwise."""
-    from contextlib import nullcontext
+def make_optimizer(handle: AdapterHandle, train_cfg: dict[str, Any], lr: float):
+    """AdamW over the run's trainable adapter parameters (the same for every method)."""
+    return torch.optim.AdamW(
+        handle.trainable_parameters(), lr=lr, weight_decay=train_cfg["weight_decay"]
+    )
 
-    if device.type == "cuda" and dtype_name != "float32":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+
+def make_scheduler(optimizer, train_cfg: dict[str, Any], n_steps: int, n_warmup: int):
+    """``train.schedule`` (transformers' schedulers): warm-up, then cosine, linear or constant."""
+    from transformers import get_scheduler
+
+    return get_scheduler(
+        SCHEDULES[train_cfg["schedule"]],
+        optimizer,
+        num_warmup_steps=n_warmup,
+        num_training_steps=n_steps,
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -252,8 +256,6 @@ def answer_loss(
     loop does, over the backward pass too: gradient checkpointing reruns the forward of
     each layer there, and the routers must see the same token masks as the first time).
     """
-    from contextlib import nullcontext
-
     from harness.split import full_forward, logits_at, upper_forward
 
     inputs, mask, rows, cols, targets = batch
@@ -293,135 +295,129 @@ def optimizer_step(
     return loss, aux, grad_norm
 
 
-def train_run(
-    config: dict[str, Any],
-    run,
-    run_dir: Path,
-    progress: bool = True,
-    stop_after: int | None = None,
-    tasks: list[str] | None = None,
-    steps: int | None = None,
-) -> dict[str, Any]:
-    """Train one run into ``run_dir`` and return its summary (also written to ``train.json``).
 
-    ``stop_after`` ends the process early after that many steps (tests use it to
-    simulate a killed job; nothing final is written then). ``tasks`` trains on those
-    tasks' items only and ``steps`` overrides the step count (MoA's task adapters); a
-    method may ask for both itself (``Method.training_tasks``, ``Method.training_steps``).
-    """
-    from tqdm.auto import tqdm
-    from transformers import get_scheduler
+# -- one run, in parts -----------------------------------------------------------------------
 
-    from harness.data.jsonl import load_jsonl
-    from harness.modeling import (
-        adapted_layer_indices,
-        cache_root,
-        load_base_model,
-        resolve_model,
-        target_shapes,
-    )
-    from harness.provenance import provenance
-    from harness.split import cached_lower, model_fingerprint
 
-    wall_start = time.perf_counter()
-    train_cfg, model_cfg = config["train"], config["model"]
-    torch.set_num_threads(train_cfg["threads"])
-    seed_everything(run.seed)
-    run_dir.mkdir(parents=True, exist_ok=True)
+@dataclass
+class RunSetup:
+    """Everything a run's training loop needs, built by :func:`prepare_run`."""
 
-    source = resolve_model(model_cfg, cache_root(config))
-    dtype = getattr(torch, model_cfg["dtype"])
-    device = select_device(model_cfg["device"])
-    model, tokenizer = load_base_model(source, dtype)
-    model.to(device)
+    base: BaseModel
+    handle: AdapterHandle
+    examples: list[Example]
+    pool: list[int]  # indices of the examples this run trains on
+    n_steps: int
+    lr: float
+    cache: Any  # LowerCache or None
+    truncated: int
+    cache_seconds: float
 
-    data_dir = Path(config["out_dir"]) / "data"
-    if not (data_dir / "train.jsonl").exists():
-        from harness.data.jsonl import DataError
 
+def load_training_items(config: dict[str, Any]) -> list[dict[str, Any]]:
+    from harness.data.jsonl import DataError, load_jsonl
+
+    path = Path(config["out_dir"]) / "data" / "train.jsonl"
+    if not path.exists():
         raise DataError(
-            f"{data_dir / 'train.jsonl'}: file not found; write the study's data first "
+            f"{path}: file not found; write the study's data first "
             "(`python -m harness data --config <config>`, or let snakemake run the data rule)"
         )
-    items = load_jsonl(data_dir / "train.jsonl")
-    examples, truncated = build_examples(tokenizer, items, train_cfg["max_length"])
+    return load_jsonl(path)
 
-    layer_ids = adapted_layer_indices(model, model_cfg["adapt_layers"])
-    targets = target_shapes(model, model_cfg["target_modules"], layer_ids)
-    start = min(layer_ids) if model_cfg["lower_layer_cache"] and min(layer_ids) > 0 else None
-    cache = None
+
+def prepare_run(config: dict[str, Any], run) -> RunSetup:
+    """Load the base model, build the training examples and their lower-layer cache, insert
+    the method (initialised from the run's seed) with its components, and fix the run's
+    training items, step count and learning rate."""
+    from harness.modeling import cache_root
+    from harness.split import cached_lower
+
+    train_cfg, model_cfg = config["train"], config["model"]
+    base = load_base(model_cfg, cache_root(config))
+    examples, truncated = build_examples(base.tokenizer, load_training_items(config), train_cfg["max_length"])
     t_cache = time.perf_counter()
-    if start is not None:
+    cache = None
+    if base.split_start is not None:
         cache = cached_lower(
-            model,
-            model_fingerprint(source.path, dtype),
+            base.model,
+            base.fingerprint,
             [e.ids for e in examples],
-            start,
-            tokenizer.pad_token_id,
-            cache_root(config) / "lower",
+            base.split_start,
+            base.tokenizer.pad_token_id,
+            base.lower_cache_dir,
             desc="lower layers (train)",
         )
     cache_seconds = time.perf_counter() - t_cache
-
     method = get_method(run.method)
     method_config = method.make_config(**run.method_config)
-    torch.manual_seed(run.seed)
-    handle = apply_method(model, method, method_config, targets)
     out_dir = Path(config["out_dir"])
-    method.load_components(handle, [out_dir / c for c in getattr(run, "components", [])])
-    model.to(device)
+    handle = attach_method(base, method, method_config, [out_dir / c for c in run.components], seed=run.seed)
     if train_cfg["gradient_checkpointing"]:
-        # non-reentrant: recomputes each decoder layer inside backward (see the step below)
+        # non-reentrant: recomputes each decoder layer inside backward (see optimizer_step)
         kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        if hasattr(base.model, "activation_checkpointing_enable"):  # transformers >= 5.x
+            base.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            base.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    tasks = run.tasks if run.tasks is not None else method.training_tasks(method_config)
+    pool = select_examples(examples, tasks)
+    default_steps = total_steps(train_cfg, len(pool))
+    n_steps = run.steps or method.training_steps(method_config, default_steps) or default_steps
+    lr = method.learning_rate(method_config, train_cfg["lr"]) or train_cfg["lr"]
+    return RunSetup(base, handle, examples, pool, n_steps, lr, cache, truncated, cache_seconds)
 
-    pool = select_examples(examples, tasks if tasks is not None else method.training_tasks(method_config))
-    n_steps = (
-        steps
-        or method.training_steps(method_config, train_cfg, len(pool))
-        or total_steps(train_cfg, len(pool))
-    )
-    optimizer = torch.optim.AdamW(
-        handle.trainable_parameters(),
-        lr=method.learning_rate(method_config, train_cfg) or train_cfg["lr"],
-        weight_decay=train_cfg["weight_decay"]
-    )
-    scheduler = get_scheduler(
-        {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[train_cfg["schedule"]],
-        optimizer,
-        num_warmup_steps=warmup_steps(train_cfg, n_steps),
-        num_training_steps=n_steps,
-    )
 
+@dataclass
+class LoopState:
+    """Where the loop starts (after a resume) and what it has measured so far."""
+
+    first_step: int = 0
+    resumed_from: int | None = None
+    log_lines: list[str] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)
+
+
+def resume_or_start(run_dir: Path, handle: AdapterHandle, optimizer, scheduler) -> LoopState:
+    """Continue from the run's last checkpoint if there is one (optimizer, scheduler, RNGs
+    and the log up to that step), else start afresh (an old log is removed)."""
     ckpt_dir = run_dir / "checkpoints" / "last"
     log_path = run_dir / "train_log.jsonl"
-    first_step, resumed_from = 0, None
-    log_lines: list[str] = []
     if (ckpt_dir / "state.pt").exists():
-        first_step = resumed_from = _load_checkpoint(ckpt_dir, handle, optimizer, scheduler)
-        log_lines = [
+        step = _load_checkpoint(ckpt_dir, handle, optimizer, scheduler)
+        lines = [
             line for line in (ckpt_dir / "train_log.jsonl").read_text().splitlines()
-            if line and json.loads(line)["step"] < first_step
+            if line and json.loads(line)["step"] < step
         ]
-    elif log_path.exists():
+        return LoopState(step, step, lines)
+    if log_path.exists():
         log_path.unlink()
+    return LoopState()
 
-    autocast = step_autocast(device, model_cfg["dtype"])
-    batcher = Batcher(examples, cache, tokenizer.pad_token_id, device)
-    model.train()
+
+def train_loop(config: dict[str, Any], run, run_dir: Path, setup: RunSetup, optimizer, scheduler,
+               state: LoopState, progress: bool, stop_after: int | None) -> bool:
+    """Run the optimizer steps from ``state.first_step``, logging each step to
+    ``train_log.jsonl`` and checkpointing every ``train.checkpoint_every`` steps. Returns
+    False when ``stop_after`` ended it early (tests simulate a killed job with it)."""
+    from tqdm.auto import tqdm
+
+    train_cfg = config["train"]
+    base, handle, examples, pool = setup.base, setup.handle, setup.examples, setup.pool
+    autocast = autocast_context(base.device, config["model"]["dtype"])
+    batcher = Batcher(examples, setup.cache, base.tokenizer.pad_token_id, base.device)
+    method = handle.method
+    log_path = run_dir / "train_log.jsonl"
+    ckpt_dir = run_dir / "checkpoints" / "last"
+    base.model.train()
     last_finite = None
-    step_times: list[float] = []
-    losses: list[float] = []
     with open(log_path, "w") as log:
-        for line in log_lines:
+        for line in state.log_lines:
             log.write(line + "\n")
         bar = tqdm(
-            range(first_step, n_steps),
-            initial=first_step,
-            total=n_steps,
+            range(state.first_step, setup.n_steps),
+            initial=state.first_step,
+            total=setup.n_steps,
             desc=run.run_id,
             disable=not progress,
             mininterval=2,
@@ -441,14 +437,13 @@ def train_run(
                 )
 
             loss, aux, grad_norm = optimizer_step(
-                model, handle, optimizer, scheduler, batch, start, autocast, labels,
-                train_cfg["max_grad_norm"], diverged,
+                base.model, handle, optimizer, scheduler, batch, base.split_start if setup.cache is not None else None,
+                autocast, labels, train_cfg["max_grad_norm"], diverged,
             )
             dt = time.perf_counter() - t0
             loss_value = float(loss.detach())
             last_finite = round(loss_value, 6)
-            step_times.append(dt)
-            losses.append(loss_value)
+            state.step_times.append(dt)
             record = {
                 "step": step,
                 "loss": round(loss_value, 6),
@@ -457,66 +452,97 @@ def train_run(
                 "grad_norm": None if grad_norm is None else round(grad_norm, 6),
                 "step_time": round(dt, 4),
             }
-            if step % LOG_LOAD_EVERY == 0 or step == n_steps - 1:
+            if step % LOG_LOAD_EVERY == 0 or step == setup.n_steps - 1:
                 record["expert_load"] = handle.expert_load() or None
             log.write(json.dumps(record) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
             done = step + 1
             every = train_cfg["checkpoint_every"]
-            if every and done % every == 0 and done < n_steps:
+            if every and done % every == 0 and done < setup.n_steps:
                 _save_checkpoint(ckpt_dir, handle, optimizer, scheduler, done, log_path)
-            if stop_after is not None and done - first_step >= stop_after:
-                return {"stopped_at": done}
+            if stop_after is not None and done - state.first_step >= stop_after:
+                return False
         bar.close()
+    return True
 
-    handle.save(run_dir / "adapter", extra={"run_id": run.run_id, "base_model": str(source.path)})
-    all_losses = [json.loads(line)["loss"] for line in log_path.read_text().splitlines()]
+
+def run_summary(run, run_dir: Path, setup: RunSetup, state: LoopState, train_cfg: dict[str, Any],
+                wall_start: float) -> dict[str, Any]:
+    """``train.json``: what trained, its parameters, losses, timings and provenance."""
+    from harness.provenance import provenance
+
+    handle, examples, pool = setup.handle, setup.examples, setup.pool
+    all_losses = [json.loads(line)["loss"] for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     count = handle.analytic_count()
-    summary = {
+    steps = state.step_times
+    return {
         "run_id": run.run_id,
         "method": run.method,
         "variant": run.tag,
         "granularity": run.granularity,
         "seed": run.seed,
-        "steps": n_steps,
+        "steps": setup.n_steps,
         "batch_size": train_cfg["batch_size"],
         "examples": len(pool),
         "example_tasks": dict(sorted(Counter(examples[i].task for i in pool).items())),
-        "truncated_examples": truncated,
+        "truncated_examples": setup.truncated,
         "final_loss": round(statistics.fmean(all_losses[-10:]), 6),
         "first_loss": all_losses[0],
         "params": {
             "total": count.total,
             "activated": count.activated,
             "router": count.router,
-            # adapter parameters of all stages (MoA: its frozen task LoRAs too)
+            # adapter parameters of all stages (a staged method's frozen components too)
             "trainable_numel": handle.adapter_numel(),
             "trained_in_this_run": handle.trainable_numel(),
         },
         "method_config": run.method_config,
         "lower_layer_cache": {
-            "enabled": start is not None,
-            "split_layer": start,
-            "seconds": round(cache_seconds, 3),
+            "enabled": setup.cache is not None,
+            "split_layer": setup.base.split_start if setup.cache is not None else None,
+            "seconds": round(setup.cache_seconds, 3),
         },
-        "resumed_from_step": resumed_from,
+        "resumed_from_step": state.resumed_from,
         "timing": {
             "wall_s": round(time.perf_counter() - wall_start, 3),
-            "train_loop_s": round(sum(step_times), 3),
-            "median_step_s": round(statistics.median(step_times), 4) if step_times else None,
+            "train_loop_s": round(sum(steps), 3),
+            "median_step_s": round(statistics.median(steps), 4) if steps else None,
         },
-        "device": str(device),
+        "device": str(setup.base.device),
         "effective_config": run.effective,
         "provenance": provenance(),
     }
+
+
+def train_run(
+    config: dict[str, Any],
+    run,
+    run_dir: Path,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Train one run (or component) into ``run_dir`` and return its summary (also written to
+    ``train.json``). A killed run resumes from its last checkpoint; ``stop_after`` ends the
+    process early after that many steps (nothing final is written then)."""
+    wall_start = time.perf_counter()
+    train_cfg = config["train"]
+    torch.set_num_threads(train_cfg["threads"])
+    seed_everything(run.seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    setup = prepare_run(config, run)
+    optimizer = make_optimizer(setup.handle, train_cfg, setup.lr)
+    scheduler = make_scheduler(optimizer, train_cfg, setup.n_steps, warmup_steps(train_cfg, setup.n_steps))
+    state = resume_or_start(run_dir, setup.handle, optimizer, scheduler)
+    if state.resumed_from is not None:
+        print(f"resumed {run.run_id} from step {state.resumed_from} of {setup.n_steps}", flush=True)
+    if not train_loop(config, run, run_dir, setup, optimizer, scheduler, state, progress, stop_after):
+        return {"stopped_at": state.first_step + (stop_after or 0)}
+    setup.handle.save(run_dir / "adapter", extra={"run_id": run.run_id, "base_model": str(setup.base.source.path)})
+    summary = run_summary(run, run_dir, setup, state, train_cfg, wall_start)
     atomic_write_json(run_dir / "train.json", summary)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return summary
 
 
-def read_summary(run_dir: Path) -> dict[str, Any]:
-    return read_json(run_dir / "train.json")
-
-
-__all__ = ["TrainingDiverged", "atomic_write_text", "train_run"]
+__all__ = ["TrainingDiverged", "prepare_run", "train_run"]

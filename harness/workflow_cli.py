@@ -1,28 +1,14 @@
-"""Workflow commands (data, train, evaluate, summary): what the Snakefile's rules call."""
+"""Workflow commands (data, train, evaluate, summary, compose): what the Snakefile's rules call."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-
-def _plan(config_path: str):
-    from harness.config import load_config
-    from harness.study import plan_study
-
-    config = load_config(config_path)
-    return config, plan_study(config)
-
-
-def _refuse_to_overwrite(result: Path, what: str) -> None:
-    from harness.run_model import RunFolderConflict
-
-    if result.exists():
-        raise RunFolderConflict(
-            f"{result} exists: this run is already {what} and its results are never "
-            "overwritten. Delete that file (or the run folder) by hand to redo it."
-        )
+from harness.run_model import refuse_to_overwrite
+from harness.study import plan_from_file
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -40,21 +26,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     from harness.run_model import write_run_spec
     from harness.train import train_run
 
-    config, plan = _plan(args.config)
+    config, plan = plan_from_file(args.config)
     run = plan.run(args.run)
     if run.is_base:
         print(f"{run.run_id} is the untrained base model: nothing to train", file=sys.stderr)
         return 2
     run_dir = plan.run_dir(run)
-    _refuse_to_overwrite(run_dir / "train.json", "trained")
+    refuse_to_overwrite(run_dir / "train.json", "trained")
     write_run_spec(config, run, run_dir)
     summary = train_run(config, run, run_dir, progress=not args.quiet, stop_after=args.stop_after)
     if "stopped_at" in summary:
         print(f"stopped after step {summary['stopped_at']} (checkpoint kept for resuming)")
         return 0
     print(
-        f"{run.run_id}: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
-        f"{summary['timing']['wall_s']:.1f} s"
+        f"{run.run_id}: {summary['examples']} examples, {summary['steps']} steps, final loss "
+        f"{summary['final_loss']:.4f}, {summary['timing']['wall_s']:.1f} s"
     )
     return 0
 
@@ -62,9 +48,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from harness.evaluate import evaluate_run
 
-    config, plan = _plan(args.config)
+    config, plan = plan_from_file(args.config)
     run = plan.run(args.run)
-    _refuse_to_overwrite(plan.run_dir(run) / "metrics.json", "evaluated")
+    refuse_to_overwrite(plan.run_dir(run) / "metrics.json", "evaluated")
     metrics = evaluate_run(config, run, plan.run_dir(run), progress=not args.quiet)
     print(f"{run.run_id}: suite acc {metrics['suite_acc']:.4f}")
     return 0
@@ -73,30 +59,78 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_summary(args: argparse.Namespace) -> int:
     from harness.summary import write_summary
 
-    _, plan = _plan(args.config)
+    _, plan = plan_from_file(args.config)
     frame = write_summary(plan)
     print(frame.to_string(index=False))
     return 0
 
 
+def cmd_compose(args: argparse.Namespace) -> int:
+    from harness.compose import compose, parse_options
+
+    summary = compose(
+        args.method,
+        args.components,
+        args.out,
+        options=parse_options(args.option),
+        seed=args.seed,
+        data_dir=args.data_dir,
+        progress=not args.quiet,
+    )
+    print(
+        f"{args.out}: {args.method} over {len(args.components)} components, trained for "
+        f"{summary['steps']} steps, final loss {summary['final_loss']:.4f}; score it with "
+        f"lm_eval --model moe-lora --model_args run_dir={os.fspath(args.out)}"
+    )
+    return 0
+
+
 def add_commands(sub) -> None:
     p = sub.add_parser("data", help="write the training JSONL and the lm-eval task folder")
-    p.add_argument("--config", required=True)
+    p.add_argument("--config", required=True, metavar="FILE", help="study config (YAML)")
     p.set_defaults(func=cmd_data)
 
-    p = sub.add_parser("train", help="train one run (resumes from its last checkpoint)")
-    p.add_argument("--config", required=True)
-    p.add_argument("--run", required=True, help="run id, as listed by `python -m harness plan`")
+    p = sub.add_parser(
+        "train",
+        help="train one run or component (resumes from its last checkpoint)",
+        description="Train one run of a study, or one component a staged run is built on "
+        "(e.g. a task adapter). A killed job resumes from its last checkpoint.",
+    )
+    p.add_argument("--config", required=True, metavar="FILE", help="study config (YAML)")
+    p.add_argument(
+        "--run",
+        required=True,
+        metavar="ID",
+        help="run id or component name, as `python -m harness plan --config FILE` lists them",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="score one run (or the base model) with lm-eval")
-    p.add_argument("--config", required=True)
-    p.add_argument("--run", required=True)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--config", required=True, metavar="FILE", help="study config (YAML)")
+    p.add_argument("--run", required=True, metavar="ID", help="run id, as `python -m harness plan` lists them")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("summary", help="one row per run with the suite's mean score (CSV, Markdown)")
-    p.add_argument("--config", required=True)
+    p.add_argument("--config", required=True, metavar="FILE", help="study config (YAML)")
     p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser(
+        "compose",
+        help="a staged method's last stage over existing component folders (e.g. MoA's router "
+        "over task adapters)",
+    )
+    p.add_argument("--method", required=True,
+                   help="a staged method (one whose runs are built on components; see `python -m harness methods`)")
+    p.add_argument("--components", nargs="+", required=True, metavar="DIR",
+                   help="component folders (e.g. <out_dir>/task_adapters/...), in the method's order")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="the new run folder")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="a method option (YAML value), repeatable, e.g. --option top_k=1")
+    p.add_argument("--seed", type=int, default=0, help="seed of the last stage (default 0)")
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="data folder with train.jsonl (default: the first component's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_compose)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.adapters import BudgetError, TargetShape, Variant, get_method
 from harness.budget import (
     BudgetRequest,
     feasible_granularities,
@@ -16,8 +17,6 @@ from harness.budget import (
     standard_grid,
     verify_counts,
 )
-from harness.methods import BudgetError, get_method
-from harness.methods.base import TargetShape, Variant
 
 ROOT = Path(__file__).resolve().parent.parent
 SQUARE = [TargetShape(f"l{i}", 64, 64) for i in range(2)]

@@ -8,9 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from harness.methods import get_method
-from harness.methods.base import TargetShape
-from harness.methods.inject import apply_method, trainable_numel
+from harness.adapters import TargetShape, get_method
+from harness.adapters.inject import apply_method, trainable_numel
 
 SHAPES = [(32, 32), (32, 48), (48, 32), (7, 5)]
 

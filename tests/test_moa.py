@@ -1,4 +1,5 @@
-"""MoA (issue 9): two DAG stages, matched budgets, compose, router accuracy.
+"""MoA (issue 9): two DAG stages through the generic component interface, matched budgets,
+compose, router accuracy.
 
 One tiny study (three tasks, T = 3 task adapters of rank r = 2, top-1) is trained once for
 the module, in-process: stage one (one peft LoRA per task), stage two (the router), lm-eval
@@ -90,7 +91,6 @@ def study(tmp_path_factory):
 
     import harness.train as train_module
     from harness.aggregate import collect_results, main_table, write_tables
-    from harness.compose import train_task_adapter
     from harness.config import load_config
     from harness.data.prepare import prepare_data
     from harness.evaluate import evaluate_run
@@ -114,9 +114,10 @@ def study(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train_module.Batcher, "__call__", spy)
-        for adapter in plan.task_adapters:
-            current["name"] = adapter.name
-            train_task_adapter(config, plan, adapter.name, progress=False)
+        for adapter in plan.components:
+            current["name"] = adapter.run_id
+            write_run_spec(config, adapter, plan.run_dir(adapter))
+            train_module.train_run(config, adapter, plan.run_dir(adapter), progress=False)
         (run,) = plan.trained_runs
         current["name"] = run.run_id
         run_dir = plan.run_dir(run)
@@ -139,7 +140,7 @@ def study(tmp_path_factory):
 
 
 def adapter_dir(study, task: str) -> Path:
-    (adapter,) = [a for a in study.plan.task_adapters if a.task == task]
+    (adapter,) = [a for a in study.plan.components if a.tasks == [task]]
     return study.plan.out_dir / adapter.path
 
 
@@ -147,35 +148,38 @@ def adapter_dir(study, task: str) -> Path:
 
 
 def test_plan_has_one_stage_one_job_per_task_and_one_router_run(study):
-    from harness.methods.moa import TASK_ADAPTER_DIR
+    from methods.moa.task_adapters import TASK_ADAPTER_DIR
 
     plan, run = study.plan, study.run
-    assert [a.task for a in plan.task_adapters] == TASKS
-    for adapter in plan.task_adapters:
-        assert re.fullmatch(rf"{adapter.task}-r2-s0-[0-9a-f]{{8}}", adapter.name)
-        assert adapter.path == f"{TASK_ADAPTER_DIR}/{adapter.name}"
+    assert [a.tasks for a in plan.components] == [[t] for t in TASKS]
+    for adapter in plan.components:
+        (task,) = adapter.tasks
+        assert re.fullmatch(rf"{task}-r2-s0-[0-9a-f]{{8}}", adapter.run_id)
+        assert adapter.path == f"{TASK_ADAPTER_DIR}/{adapter.run_id}"
+        assert adapter.is_component and adapter.method == "lora"
         # ceil(train.steps / number of tasks in the data) = ceil(6 / 3)
-        assert (adapter.rank, adapter.steps, adapter.seed) == (2, 2, 0)
+        assert (adapter.method_config["rank"], adapter.steps, adapter.seed) == (2, 2, 0)
     assert (run.method, run.tag, run.granularity) == ("moa", "T3", 3)
-    assert run.components == [a.path for a in plan.task_adapters]
+    assert run.components == [a.path for a in plan.components]
     assert run.method_config["tasks"] == TASKS
     assert (run.method_config["expert_rank"], run.method_config["top_k"]) == (2, 1)
     assert run.method_config["router_steps"] == 2
     spec = json.loads((study.run_dir / "run.json").read_text())
     # stored relative to the run folder, so the study folder can move
-    assert spec["components"] == [f"../../{a.path}" for a in plan.task_adapters]
+    assert spec["components"] == [f"../../{a.path}" for a in plan.components]
 
 
 def test_each_stage_one_adapter_sees_only_its_own_tasks_items(study):
-    for adapter in study.plan.task_adapters:
-        batches = study.seen[adapter.name]
+    for adapter in study.plan.components:
+        (task,) = adapter.tasks
+        batches = study.seen[adapter.run_id]
         # 2 steps of batch 4, every item of this adapter's task only
-        assert batches == [adapter.task] * 8, adapter.name
+        assert batches == [task] * 8, adapter.run_id
         summary = json.loads((study.plan.out_dir / adapter.path / "train.json").read_text())
-        assert summary["example_tasks"] == {adapter.task: TRAIN_PER_TASK}
+        assert summary["example_tasks"] == {task: TRAIN_PER_TASK}
         assert summary["examples"] == TRAIN_PER_TASK and summary["steps"] == 2
         spec = json.loads((study.plan.out_dir / adapter.path / "run.json").read_text())
-        assert spec["method"] == "lora" and spec["effective_config"]["task"] == adapter.task
+        assert spec["method"] == "lora" and spec["effective_config"]["task"] == task
     # stage two trains the router on the whole mixture
     router_batches = study.seen[study.run.run_id]
     assert len(router_batches) == 2 * 4 and set(router_batches) <= set(TASKS)
@@ -197,8 +201,8 @@ def test_select_examples_keeps_one_task_and_names_a_missing_one():
 
 
 def test_router_forced_to_one_adapter_equals_that_tasks_lora_alone(study):
-    from harness.methods.moa import MoALayer
     from harness.run_model import load_run_model
+    from methods.moa import MoALayer
 
     moa = load_run_model(study.run_dir, device="cpu")
     layers = [m for m in moa.model.modules() if isinstance(m, MoALayer)]
@@ -226,9 +230,8 @@ def test_router_forced_to_one_adapter_equals_that_tasks_lora_alone(study):
 def test_forced_layer_equals_peft_lora_at_the_layer_and_routing_levels():
     from torch import nn
 
-    from harness.methods import get_method
-    from harness.methods.base import TargetShape
-    from harness.methods.inject import apply_method
+    from harness.adapters import TargetShape, get_method
+    from harness.adapters.inject import apply_method
 
     torch.manual_seed(0)
     d_in, d_out, r, T = 12, 20, 3, 4
@@ -253,9 +256,10 @@ def test_forced_layer_equals_peft_lora_at_the_layer_and_routing_levels():
         layer.record_routing = True
         layer.eval()
         layer(x)
-        probs = layer.routing_probs
-        assert probs.shape == (2, T)
-        torch.testing.assert_close(probs.sum(-1), torch.ones(2))
+        shares = layer.routing_shares.view(2, 5, T)  # the generic evaluation record
+        torch.testing.assert_close(shares.sum(-1), torch.ones(2, 5))
+        if level == "sequence":  # every token carries its sequence's one choice
+            assert torch.equal(shares, shares[:, :1].expand_as(shares))
         layer.record_routing = False
         # sequence level: one adapter per sequence; token level: each token its own
         index = layer.route(x.reshape(-1, d_in), None).index.view(2, 5)
@@ -269,9 +273,8 @@ def test_forced_layer_equals_peft_lora_at_the_layer_and_routing_levels():
 def test_top1_router_uses_the_chosen_adapter_at_full_strength():
     from torch import nn
 
-    from harness.methods import get_method
-    from harness.methods.base import BudgetError, TargetShape
-    from harness.methods.inject import apply_method
+    from harness.adapters import BudgetError, TargetShape, get_method
+    from harness.adapters.inject import apply_method
 
     torch.manual_seed(1)
     d_in, d_out, r, T = 10, 6, 2, 3
@@ -306,9 +309,8 @@ def test_router_supervision_is_cross_entropy_on_task_labels_shared_over_modules(
     import torch.nn.functional as F
     from torch import nn
 
-    from harness.methods import get_method
-    from harness.methods.base import TargetShape
-    from harness.methods.inject import apply_method
+    from harness.adapters import TargetShape, get_method
+    from harness.adapters.inject import apply_method
 
     torch.manual_seed(0)
     moa = get_method("moa")
@@ -342,14 +344,14 @@ def test_composing_without_an_adapter_keeps_every_adapter_bit_identical(study, t
     from safetensors.torch import load_file
 
     from harness.compose import compose
-    from harness.methods.moa import MoALayer
     from harness.run_model import load_run_model
+    from methods.moa import MoALayer
 
     stage_one = study.plan.out_dir / "task_adapters"
     before = digest(stage_one)
     kept = [adapter_dir(study, t) for t in ("first", "last")]
     out = tmp_path / "moa-first-last"
-    summary = compose(kept, out, router_steps=3, seed=0, progress=False)
+    summary = compose("moa", kept, out, {"router_steps": 3}, seed=0, progress=False)
     assert digest(stage_one) == before
     assert summary["steps"] == 3 and summary["example_tasks"] == {"first": 8, "last": 8}
     # the new run stores only the routers; the task LoRAs stay in their folders
@@ -406,12 +408,12 @@ def test_dropping_or_adding_a_task_reruns_only_stage_two_in_the_dag(study):
     from harness.config import load_config
     from harness.study import plan_study
 
-    names = {a.task: a.name for a in study.plan.task_adapters}
+    names = {a.tasks[0]: a.run_id for a in study.plan.components}
     # drop `animal` (total_rank 6 -> 4 keeps the per-task rank 2): same adapter folders
     fewer = study_dict(study.folder, total_rank=4, moa={"name": "moa", "options": {"tasks": ["first", "last"]}})
     fewer_path = write_config(study.folder / "fewer.yaml", fewer)
     fewer_plan = plan_study(load_config(fewer_path))
-    assert [a.name for a in fewer_plan.task_adapters] == [names["first"], names["last"]]
+    assert [a.run_id for a in fewer_plan.components] == [names["first"], names["last"]]
     (fewer_run,) = fewer_plan.trained_runs
     assert fewer_run.tag == "T2" and fewer_run.run_id != study.run.run_id
     # add `second` (total_rank 6 -> 8): one new stage-one job, the other three are reused
@@ -421,30 +423,30 @@ def test_dropping_or_adding_a_task_reruns_only_stage_two_in_the_dag(study):
     more["methods"] = [{"name": "moa", "options": {"task_steps": 2}}]
     more_path = write_config(study.folder / "more.yaml", more)
     more_plan = plan_study(load_config(more_path))
-    assert [a.name for a in more_plan.task_adapters][:3] == [names[t] for t in TASKS]
-    new = more_plan.task_adapters[3]
-    assert new.task == "second" and new.name not in names.values()
+    assert [a.run_id for a in more_plan.components][:3] == [names[t] for t in TASKS]
+    new = more_plan.components[3]
+    assert new.tasks == ["second"] and new.run_id not in names.values()
 
     # two dry runs side by side (each spends ~10 s of CPU importing and planning)
     (dropped, dropped_text), (added, added_text) = _dry_runs([fewer_path, more_path], study.folder)
     # dropping a task: stage two (and its evaluation) only; the three stage-one folders
     # and the data, all written in-process before, are up to date
-    assert "train_task_adapter" not in dropped and "data" not in dropped, dropped_text
+    assert "train_component" not in dropped and "data" not in dropped, dropped_text
     assert dropped["train"] == 1 and dropped["evaluate"] == 1
     assert f"run={fewer_run.run_id}" in dropped_text
     # adding one: that task's stage-one job, then stage two (the data changed too)
-    assert added["train_task_adapter"] == 1 and f"adapter={new.name}" in added_text, added_text
+    assert added["train_component"] == 1 and f"component=task_adapters/{new.run_id}" in added_text, added_text
     assert added["train"] == 1
     for name in names.values():
-        assert f"adapter={name}" not in added_text
+        assert f"component=task_adapters/{name}" not in added_text
 
 
 # -- budgets ----------------------------------------------------------------------------------
 
 
 def test_budget_counts_equal_the_real_parameters_of_both_stages(study):
+    from harness.adapters.inject import trainable_numel
     from harness.budget import lora_count
-    from harness.methods.inject import trainable_numel
     from harness.run_model import load_run_model
 
     T, r, k = 3, 2, 1
@@ -466,7 +468,7 @@ def test_budget_counts_equal_the_real_parameters_of_both_stages(study):
     # the frozen part is exactly what the task adapters trained, read from their folders
     stage_one = [
         json.loads((study.plan.out_dir / a.path / "train.json").read_text())["params"]
-        for a in study.plan.task_adapters
+        for a in study.plan.components
     ]
     assert [p["trainable_numel"] for p in stage_one] == [r * SUM_IN_OUT] * T
     assert sum(p["trainable_numel"] for p in stage_one) + router == total
@@ -478,45 +480,44 @@ def test_budget_counts_equal_the_real_parameters_of_both_stages(study):
 
 
 def test_solver_picks_the_per_task_rank_or_says_why_not():
+    from harness.adapters import BudgetError, TargetShape, get_method
     from harness.budget import BudgetRequest
-    from harness.methods import BudgetError, get_method
-    from harness.methods.base import TargetShape
 
     moa = get_method("moa")
     shapes = [TargetShape("q", 32, 32), TargetShape("down", 64, 32)]
     opts = {"tasks": ["a", "b", "c", "d"]}
-    cfg = moa.solve(BudgetRequest(8, 4, (4,)), moa.plan_variants(BudgetRequest(8, 4, (4,)), opts)[0], shapes, opts)
+    cfg = moa.solve(BudgetRequest(8, 4, (4,)), moa.variants(BudgetRequest(8, 4, (4,)), opts)[0], shapes, opts)
     assert (cfg.num_experts, cfg.expert_rank, cfg.top_k) == (4, 2, 2)
     # R not divisible by T
     request = BudgetRequest(6, 3, (2,))
     with pytest.raises(BudgetError, match=r"total_rank/T = 6/4 = 1\.5 is not a whole number.*multiples of 4"):
-        moa.solve(request, moa.plan_variants(request, opts)[0], shapes, opts)
+        moa.solve(request, moa.variants(request, opts)[0], shapes, opts)
     # K not a whole number of adapters
     opts3 = {"tasks": ["a", "b", "c"]}
     request = BudgetRequest(6, 3, (2,))
     with pytest.raises(BudgetError, match=r"active_rank/r = 3/2 = 1\.5.*feasible active ranks for R=6, T=3: \[2, 4, 6\]"):
-        moa.solve(request, moa.plan_variants(request, opts3)[0], shapes, opts3)
+        moa.solve(request, moa.variants(request, opts3)[0], shapes, opts3)
     # no task list: the variant cannot be planned
     with pytest.raises(BudgetError, match="depends on the task list"):
         moa.variants(request)
     # router: counted shrinks the per-task rank until adapters + router fit the total
     # (LoRA rank 8: 8 * 160 = 1280; rank 2: 4*2*160 + 4*96 = 1664, +30%; rank 1: 1024, -20%)
     counted = BudgetRequest(8, 4, (4,), router="counted", tolerance=0.25)
-    cfg = moa.solve(counted, moa.plan_variants(counted, opts)[0], shapes, opts)
+    cfg = moa.solve(counted, moa.variants(counted, opts)[0], shapes, opts)
     assert (cfg.num_experts, cfg.expert_rank, cfg.top_k) == (4, 1, 2)
     assert moa.count_model(cfg, shapes).total == 1024
     counted = BudgetRequest(8, 4, (4,), router="counted", tolerance=0.1)
     with pytest.raises(BudgetError, match=r"closest: rank 1, 20\.0% off.*Raise budget\.tolerance to at least 20\.0%"):
-        moa.solve(counted, moa.plan_variants(counted, opts)[0], shapes, opts)
+        moa.solve(counted, moa.variants(counted, opts)[0], shapes, opts)
 
 
 def test_bad_moa_options_name_the_option(tmp_path):
-    from harness.config import ConfigError, load_config
-    from harness.methods import get_method
+    from harness.adapters import OptionError, get_method
+    from harness.config import load_config
     from harness.study import plan_study
 
     bad = study_dict(tmp_path, moa={"name": "moa", "options": {"tasks": ["first", "nope"]}})
-    with pytest.raises(ConfigError, match=r"moa option tasks = \['first', 'nope'\]: \['nope'\] not in the training data"):
+    with pytest.raises(OptionError, match=r"moa option tasks = \['first', 'nope'\]: \['nope'\] not in the training data"):
         plan_study(load_config(write_config(tmp_path / "a.yaml", bad)))
     moa = get_method("moa")
     with pytest.raises(ValueError, match="moa option level = 'layer'; valid: sequence, token"):
@@ -555,13 +556,13 @@ def _edit(path: Path, edit) -> None:
     ],
 )
 def test_compose_refuses_incompatible_folders_naming_folder_and_field(study, tmp_path, field, edit):
+    from harness.adapters import ComponentError
     from harness.compose import compose
-    from harness.methods.moa import IncompatibleAdapters
 
     odd = _copy(study, "last", tmp_path, "odd")
     edit(odd)
-    with pytest.raises(IncompatibleAdapters, match=rf"{re.escape(str(odd.resolve()))}: field '{field}'"):
-        compose([adapter_dir(study, "first"), odd], tmp_path / "out", progress=False)
+    with pytest.raises(ComponentError, match=rf"{re.escape(str(odd.resolve()))}: field '{field}'"):
+        compose("moa", [adapter_dir(study, "first"), odd], tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
 
@@ -570,29 +571,29 @@ def test_compose_refuses_duplicates_missing_files_and_non_lora_folders(study, tm
 
     first = adapter_dir(study, "first")
     twin = _copy(study, "first", tmp_path, "twin")
-    code = main(["compose", "--adapters", str(first), str(twin), "--out", str(tmp_path / "o1"), "--quiet"])
+    code = main(["compose", "--method", "moa", "--components", str(first), str(twin), "--out", str(tmp_path / "o1"), "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and f"{twin}: field 'task' is 'first', the same as {first}" in err
 
     broken = _copy(study, "last", tmp_path, "broken")
     (broken / "adapter" / "adapter.safetensors").unlink()
-    code = main(["compose", "--adapters", str(first), str(broken), "--out", str(tmp_path / "o2")])
+    code = main(["compose", "--method", "moa", "--components", str(first), str(broken), "--out", str(tmp_path / "o2")])
     err = capsys.readouterr().err
     assert code == 2 and "adapter/adapter.safetensors is missing" in err and str(broken) in err
 
     other = _copy(study, "last", tmp_path, "other")
     _edit(other / "adapter" / "adapter.json", lambda a: a.update(method="smora"))
-    code = main(["compose", "--adapters", str(first), str(other), "--out", str(tmp_path / "o3")])
+    code = main(["compose", "--method", "moa", "--components", str(first), str(other), "--out", str(tmp_path / "o3")])
     err = capsys.readouterr().err
     assert code == 2 and f"{other}: field 'method' is 'smora'" in err
 
-    code = main(["compose", "--adapters", str(first), "--top-k", "2", "--out", str(tmp_path / "o4")])
-    assert code == 2 and "--top-k 2 must be between 1 and the 1 adapters" in capsys.readouterr().err
+    code = main(["compose", "--method", "moa", "--components", str(first), "--option", "top_k=2", "--out", str(tmp_path / "o4")])
+    assert code == 2 and "moa option top_k = 2; valid: 1 to the 1 adapters" in capsys.readouterr().err
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
 
 
 def test_run_loading_refuses_adapters_in_the_wrong_order(study):
-    from harness.methods.moa import IncompatibleAdapters
+    from harness.adapters import ComponentError
     from harness.run_model import load_run_model
 
     spec_path = study.run_dir / "run.json"
@@ -601,7 +602,7 @@ def test_run_loading_refuses_adapters_in_the_wrong_order(study):
     spec["components"] = spec["components"][::-1]
     spec_path.write_text(json.dumps(spec))
     try:
-        with pytest.raises(IncompatibleAdapters, match=r"field 'task' is \"last\", but this MoA model's adapter 0 needs \"first\""):
+        with pytest.raises(ComponentError, match=r"field 'task' is \"last\", but this model's block 0 needs \"first\""):
             load_run_model(study.run_dir, device="cpu")
     finally:
         spec_path.write_text(original)
@@ -612,8 +613,8 @@ def test_run_loading_refuses_adapters_in_the_wrong_order(study):
 
 def test_router_accuracy_and_both_stages_time_in_metrics_summary_and_main_table(study):
     metrics = json.loads((study.run_dir / "metrics.json").read_text())
-    acc = metrics["router_accuracy"]
-    by_task = metrics["router_accuracy_by_task"]
+    acc = metrics["method_metrics"]["router_accuracy"]
+    by_task = metrics["method_metrics"]["router_accuracy_by_task"]
     assert 0 <= acc <= 1 and sorted(by_task) == sorted(TASKS)
     # every task has the same number of test items: the mean of the per-task accuracies
     assert acc == pytest.approx(sum(by_task.values()) / 3, abs=1e-5)
@@ -625,46 +626,71 @@ def test_router_accuracy_and_both_stages_time_in_metrics_summary_and_main_table(
     assert list(summary.columns).index("router_accuracy") == list(summary.columns).index("suite_acc") + 1
 
     table = study.table.set_index("method")
-    assert table.loc["moa", "router_acc"] == pytest.approx(100 * acc)
+    assert table.loc["moa", "metric:router_accuracy"] == pytest.approx(100 * acc)
     # the training time shown is both stages': the task adapters' jobs plus the router's
     wall = [
         json.loads((folder / "train.json").read_text())["timing"]["wall_s"]
-        for folder in [study.run_dir, *(study.plan.out_dir / a.path for a in study.plan.task_adapters)]
+        for folder in [study.run_dir, *(study.plan.out_dir / a.path for a in study.plan.components)]
     ]
     assert table.loc["moa", "train_s"] == pytest.approx(sum(wall))
     assert row["train_s"] == pytest.approx(sum(wall))
     tables = study.plan.out_dir / "tables"
     csv = pd.read_csv(tables / "main_table.csv").set_index("method")
-    assert csv.loc["moa", "router_acc"] == pytest.approx(100 * acc)
+    assert csv.loc["moa", "metric:router_accuracy"] == pytest.approx(100 * acc)
     md = (tables / "main_table.md").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| method"))
     (moa_line,) = [line for line in md.splitlines() if line.startswith("| MoA T3")]
     cells = [c.strip() for c in moa_line.strip("|").split("|")]
     columns = [c.strip() for c in header.strip("|").split("|")]
-    assert cells[columns.index("router acc")] == f"{100 * acc:.1f}"
-    assert "router acc" in (tables / "main_table.tex").read_text()
+    assert cells[columns.index("router accuracy")] == f"{100 * acc:.1f}"
+    assert "router accuracy" in (tables / "main_table.tex").read_text()
 
 
 def test_router_accuracy_counts_the_adapter_the_router_picks(study):
-    from harness.methods.moa import MoALayer, held_out_items, router_accuracy
-    from harness.run_model import load_run_model
+    """Through the generic evaluation record: lm-eval scores the held-out tasks while every
+    MoA layer's per-token shares are gathered per task; MoA reads its accuracy from them."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
 
-    loaded = load_run_model(study.run_dir, device="cpu")
-    items = held_out_items(study.plan.out_dir / "data")
-    assert len(items) == 3 * TEST_PER_TASK and {it["task"] for it in items} == set(TASKS)
-    layers = [m for m in loaded.model.modules() if isinstance(m, MoALayer)]
-    # a zero router scores every adapter alike: argmax picks adapter 0 for every prompt, so
-    # it is right on exactly adapter 0's task, and items of tasks without an adapter are
-    # left out
-    for m in layers:
-        with torch.no_grad():
-            m.router.weight.zero_()
-    result = router_accuracy(loaded, items)
+    from harness.evaluate import SUITE_GROUP, SUITE_PREFIX
+    from harness.lm_model import HarnessLM
+    from methods.moa import MoALayer
+
+    lm = HarnessLM(run_dir=str(study.run_dir), device="cpu")
+    lm.record_routing = True
+    # a zero router scores every adapter alike: top-1 picks adapter 0 for every prompt, so
+    # it is right on exactly adapter 0's task
+    for m in lm.model.modules():
+        if isinstance(m, MoALayer):
+            with torch.no_grad():
+                m.router.weight.zero_()
+    lm_eval.simple_evaluate(
+        model=lm, tasks=[SUITE_GROUP], verbosity="ERROR",
+        task_manager=TaskManager(include_path=str(study.plan.out_dir / "data" / "tasks"), include_defaults=False),
+    )
+    record = lm.routing_record()
+    # every scored sequence counts once (with multi-token answers, one per choice)
+    assert sorted(record.sequences) == sorted(f"{SUITE_PREFIX}_{t}" for t in TASKS)
+    assert all(n >= TEST_PER_TASK for n in record.sequences.values())
+    assert len(record.shares) == 7  # every adapted module
+    for by_task in record.shares.values():
+        for shares in by_task.values():
+            assert shares == [1.0, 0.0, 0.0]
+    from harness.adapters.routing import RoutingRecord
+
+    renamed = RoutingRecord(
+        shares={m: {t.removeprefix(f"{SUITE_PREFIX}_"): v for t, v in b.items()} for m, b in record.shares.items()},
+        sequences={t.removeprefix(f"{SUITE_PREFIX}_"): n for t, n in record.sequences.items()},
+    )
+    method, config = lm.run.handle.method, lm.run.handle.config
+    result = method.evaluation_metrics(config, renamed)
     assert result["router_accuracy_by_task"] == {"first": 1.0, "animal": 0.0, "last": 0.0}
     assert result["router_accuracy"] == pytest.approx(1 / 3, abs=1e-6)
-    # the labels follow the router's task order; items of a task without an adapter
-    # (here: `animal`, once the router's task list names only two) are left out
-    loaded.handle.config.tasks = ["last", "first"]
-    result = router_accuracy(loaded, items)
+    # the labels follow the router's task order; tasks without an adapter (here `animal`,
+    # once the router's task list names only two) are left out
+    config.tasks = ["last", "first"]
+    result = method.evaluation_metrics(config, renamed)
     assert result["router_accuracy_by_task"] == {"last": 1.0, "first": 0.0}
     assert result["router_accuracy"] == pytest.approx(0.5, abs=1e-6)
+    # one expert takes everything: one effective expert
+    assert renamed.effective_experts() == pytest.approx(1.0)

@@ -85,7 +85,7 @@ def test_paper_budget_on_meta_device_matches_a_hand_count():
     assert len(q) == 32 and {(s.d_in, s.d_out) for s in q} == {(4096, 4096)}
     assert {(s.d_in, s.d_out) for s in down} == {(11008, 4096)}
 
-    from harness.methods import get_method
+    from harness.adapters import get_method
 
     rows = {r.label: r for r in plan.rows}
     # by hand, for the q_proj layer type alone (32 modules of 4096 -> 4096):
@@ -118,8 +118,8 @@ def test_paper_budget_on_meta_device_matches_a_hand_count():
 def test_paper_budget_is_verified_against_real_modules_on_meta(capsys):
     """What `python -m harness budget --config config/paper.yaml` prints: the counts of the
     real modules built on the meta device equal the analytic counts, for every row."""
+    from harness.adapters import get_method
     from harness.budget import verify_counts
-    from harness.methods import get_method
 
     plan = _paper_plan(PAPER_QWEN)
     # Qwen2.5-7B: grouped-query attention, k_proj and v_proj 3584 -> 512; q/k/v have a bias
@@ -215,23 +215,26 @@ def test_conda_env_pins_match_the_lock_file():
 def test_device_selection_falls_back_to_cpu(monkeypatch):
     from contextlib import nullcontext
 
-    from harness.train import select_device, step_autocast
+    from harness.runtime import autocast_context, select_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert select_device("auto") == torch.device("cpu")
     assert select_device("cpu") == torch.device("cpu")
     with pytest.raises(RuntimeError, match="no CUDA device"):
         select_device("cuda")
-    assert isinstance(step_autocast(torch.device("cpu"), "bfloat16"), nullcontext)
+    assert isinstance(autocast_context(torch.device("cpu"), "float32"), nullcontext)
+    # bf16 autocast runs on the CPU too (so the bf16 path is exercised without a GPU)
+    ctx = autocast_context(torch.device("cpu"), "bfloat16")
+    assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16 and ctx.device == "cpu"
     # with a GPU, auto picks it, and a bf16 model trains under bf16 autocast
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert select_device("auto") == torch.device("cuda")
     assert select_device("cpu") == torch.device("cpu")
     made = []  # torch.autocast("cuda") itself needs a CUDA build: record the call instead
     monkeypatch.setattr(torch, "autocast", lambda *args, **kwargs: made.append((args, kwargs)) or "ctx")
-    assert step_autocast(torch.device("cuda"), "bfloat16") == "ctx"
+    assert autocast_context(torch.device("cuda"), "bfloat16") == "ctx"
     assert made == [(("cuda",), {"dtype": torch.bfloat16})]
-    assert isinstance(step_autocast(torch.device("cuda"), "float32"), nullcontext)
+    assert isinstance(autocast_context(torch.device("cuda"), "float32"), nullcontext)
     assert validate_config(yaml.safe_load(PAPER.read_text()))["model"]["device"] in ("cuda", "auto")
 
 
@@ -278,9 +281,9 @@ def test_gradient_checkpointing_keeps_smora_bias_updates_once_per_step(tmp_path,
     routers must see the same token masks there, and the bias must move once per optimizer
     step, exactly as without checkpointing."""
     from harness.data.prepare import prepare_data
-    from harness.methods.smora import SMoRALayer
     from harness.study import plan_study
     from harness.train import train_run
+    from methods.smora import SMoRALayer
 
     calls, routes = [], []
     original, route = SMoRALayer.after_optimizer_step, SMoRALayer.route
@@ -366,9 +369,9 @@ def _write_local_lm_eval_tasks(folder: Path) -> list[str]:
 
 
 def test_lm_eval_source_trains_on_train_splits_and_scores_eval_tasks(tmp_path):
-    from harness.aggregate import _suite_score
     from harness.data.prepare import prepare_data
     from harness.evaluate import evaluate_run
+    from harness.results import suite_score
     from harness.study import plan_study
     from harness.train import train_run
 
@@ -402,5 +405,5 @@ def test_lm_eval_source_trains_on_train_splits_and_scores_eval_tasks(tmp_path):
         accs = [metrics["tasks"][t]["acc"] for t in tasks]
         assert all(0.0 <= a <= 1.0 for a in accs)
         assert metrics["suite_acc"] == pytest.approx(sum(accs) / len(accs))
-        assert _suite_score(metrics) == pytest.approx(metrics["suite_acc"])
+        assert suite_score(metrics) == pytest.approx(metrics["suite_acc"])
         assert not math.isnan(metrics["suite_acc"])

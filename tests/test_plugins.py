@@ -12,9 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from harness.methods import PluginError, UnknownMethodError, get_method, load_plugin
-from harness.methods.base import TargetShape
-from harness.methods.inject import CountMismatchError, apply_method
+from harness.adapters import PluginError, TargetShape, UnknownMethodError, get_method, load_plugin
+from harness.adapters.inject import CountMismatchError, apply_method
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "frozen_router.py"
@@ -79,13 +78,38 @@ def test_plugin_that_does_not_import_names_the_module_and_error(tmp_path):
     )
     out = _run(["budget", "--config", str(study)], tmp_path, tmp_path)
     assert out.returncode == 2
-    assert "plugin 'no_such_lab.method' could not be imported: ModuleNotFoundError" in out.stderr
+    assert "plugin 'no_such_lab.method': no module named 'no_such_lab'" in out.stderr
+    assert "installed or on PYTHONPATH" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
-def test_unknown_method_lists_registered_ones():
+def test_plugin_with_its_own_bug_is_reported_with_its_file_line_and_exception(tmp_path, monkeypatch):
+    """The module was found: no install hint, but where it failed and why."""
+    (tmp_path / "buggy_lab.py").write_text("import collections\n\nSETTINGS = {}\nRANK = SETTINGS['rank']\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(PluginError) as err:
+        load_plugin("buggy_lab")
+    message = str(err.value)
+    assert "plugin 'buggy_lab' raised KeyError: 'rank'" in message
+    assert f"{tmp_path / 'buggy_lab.py'}:4 (RANK = SETTINGS['rank'])" in message
+    assert "installed" not in message
+    # a missing dependency of the plugin (not the plugin itself) is the plugin's bug too
+    (tmp_path / "needs_dep.py").write_text("import not_a_real_dependency_xyz\n")
+    with pytest.raises(PluginError, match=r"plugin 'needs_dep' raised ModuleNotFoundError: No module named 'not_a_real_dependency_xyz' at .*needs_dep.py:1"):
+        load_plugin("needs_dep")
+
+
+def test_unknown_method_lists_registered_ones_and_suggests_a_near_miss():
     with pytest.raises(UnknownMethodError) as err:
-        get_method("mixlora")
-    assert "unknown method 'mixlora'; registered methods: lora, malora, moa, molora, multilora, sira, smora" in str(err.value)
+        get_method("smra")
+    message = str(err.value)
+    assert message.startswith("unknown method 'smra' (did you mean 'smora'?). Registered methods: ")
+    listed = message.split("Registered methods: ", 1)[1].split(".", 1)[0].split(", ")
+    assert {"lora", "malora", "moa", "molora", "multilora", "sira", "smora"} <= set(listed)
+    assert listed == sorted(listed)
+    with pytest.raises(UnknownMethodError) as err:
+        get_method("xyz")
+    assert "did you mean" not in str(err.value)
 
 
 def test_plugin_module_that_registers_nothing_is_refused(tmp_path, monkeypatch):
@@ -99,8 +123,8 @@ def test_plugin_whose_count_disagrees_with_its_modules_is_refused_with_both_numb
     (tmp_path / "miscounting.py").write_text(
         textwrap.dedent(
             """
-            from harness.methods import register
-            from harness.methods.sira import SiRA
+            from harness.adapters import register
+            from methods.sira import SiRA
 
             @register
             class Miscounted(SiRA):

@@ -99,8 +99,8 @@ def metrics_target(config: Path, cwd: Path) -> str:
 
 def run_ids(config: Path, cwd: Path) -> list[str]:
     """What `python -m harness plan` lists (planned in-process: no files are touched)."""
+    from harness.adapters import load_plugin
     from harness.config import load_config
-    from harness.methods import load_plugin
     from harness.study import plan_study
 
     loaded = load_config(config)
@@ -241,8 +241,8 @@ def test_5_missing_model_says_what_was_tried_and_how_to_fix_it(tmp_path):
 
 
 LYING_PLUGIN = """
-from harness.methods import register
-from harness.methods.molora import MoLoRA
+from harness.adapters import register
+from methods.molora import MoLoRA
 
 
 @register
@@ -281,8 +281,8 @@ def test_6_plugin_with_wrong_counts_is_refused_with_both_numbers(tmp_path):
 
 
 NAN_PLUGIN = '''
-from harness.methods import register
-from harness.methods.molora import MoLoRA, MoLoRALayer
+from harness.adapters import register
+from methods.molora import MoLoRA, MoLoRALayer
 
 
 class NanAfterFour(MoLoRALayer):

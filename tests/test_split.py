@@ -6,8 +6,8 @@ from contextlib import nullcontext
 
 import torch
 
-from harness.methods import get_method
-from harness.methods.inject import apply_method
+from harness.adapters import get_method
+from harness.adapters.inject import apply_method
 from harness.modeling import adapted_layer_indices, target_shapes
 from harness.split import (
     LowerCache,

@@ -1,45 +1,26 @@
-"""Adapter methods: the shared block-gated core, one module per method, and the registry."""
+"""Deprecated location (until the next release): the adapter toolkit moved to
+:mod:`harness.adapters` and the built-in methods to the top-level :mod:`methods` package.
 
-from harness.methods.base import (
-    AdapterLayer,
-    BudgetError,
-    Method,
-    MethodConfig,
-    ParamCount,
-    TargetShape,
-    TrainingHooks,
-)
-from harness.methods.mixture import (
-    BlockMixtureLayer,
-    BlockMixtureMethod,
-    MixtureConfig,
-    Routing,
-)
-from harness.methods.registry import (
-    PluginError,
-    UnknownMethodError,
-    all_methods,
-    get_method,
-    load_plugin,
-    register,
-)
+``from harness.methods import BlockMixtureLayer`` (and every other toolkit name) and the
+old submodules (``harness.methods.routing``, ``harness.methods.mixture``, ...,
+``harness.methods.smora``) still work, with a ``DeprecationWarning`` that names the new
+import path.
+"""
 
-__all__ = [
-    "AdapterLayer",
-    "BlockMixtureLayer",
-    "BlockMixtureMethod",
-    "BudgetError",
-    "Method",
-    "MethodConfig",
-    "MixtureConfig",
-    "ParamCount",
-    "PluginError",
-    "Routing",
-    "TargetShape",
-    "TrainingHooks",
-    "UnknownMethodError",
-    "all_methods",
-    "get_method",
-    "load_plugin",
-    "register",
-]
+from __future__ import annotations
+
+import warnings
+
+import harness.adapters as _adapters
+
+
+def __getattr__(name: str):
+    if name in _adapters.__all__:
+        warnings.warn(
+            f"`harness.methods.{name}` is deprecated and will be removed in the next release: "
+            f"use `from harness.adapters import {name}`",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(_adapters, name)
+    raise AttributeError(f"module 'harness.methods' has no attribute {name!r}")

@@ -7,8 +7,8 @@
 #     snakemake --cores 2 bench
 #
 # Inputs: the study's data (the evaluation-cache comparison scores its task folder) and
-# the first seed's stage-one components (MoA's task adapters), so a staged method is
-# timed in its real last stage. Threads: bench.threads (fewer if --cores is smaller).
+# the first seed's components (e.g. task adapters), so a staged method is timed in its
+# real last stage. Threads: bench.threads (fewer if --cores is smaller).
 #
 # Included by the Snakefile after the data rule; uses OUT, STUDY, PLAN, CONFIG_PATH (common.smk).
 

@@ -3,7 +3,7 @@
 # is solved here, so bad input stops Snakemake before any job starts.
 import re
 
-from harness.snakemake_support import load_study, task_adapter_inputs_of, train_json_of
+from harness.snakemake_support import component_inputs_of, load_study, train_json_of
 
 
 CONFIG_PATH, STUDY, PLAN = load_study(workflow, config)
@@ -14,5 +14,5 @@ ALL_RUNS = [run.run_id for run in PLAN.runs]
 
 # the run's train.json, or nothing for the untrained base model
 train_outputs = train_json_of(OUT, TRAINED)
-# the stage-one task adapters' train.json files a run needs (MoA; nothing for other methods)
-task_adapter_inputs = task_adapter_inputs_of(OUT, PLAN)
+# the train.json of the components a run is built on (nothing for most methods)
+component_inputs = component_inputs_of(OUT, PLAN)

@@ -24,13 +24,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from harness.methods.mixture import BlockMixtureLayer, BlockMixtureMethod, MixtureConfig, Routing
-from harness.methods.registry import register
-from harness.methods.routing import (
+from harness.adapters import BlockMixtureLayer, BlockMixtureMethod, MixtureConfig, Routing, register
+from harness.adapters.routing import (
     capacity_keep,
     expert_capacity,
     load_balancing_loss,
-    selection_share,
+    real_tokens,
     topk_softmax,
 )
 
@@ -52,7 +51,7 @@ class SiRALayer(BlockMixtureLayer):
         index, weight = topk_softmax(logits, self.top_k)
         keep = None
         if self.training or cfg.capacity_in_eval:
-            n_tokens = x.shape[0] if token_mask is None else int(token_mask.sum())
+            n_tokens = real_tokens(x.shape[0], token_mask, x.device)
             capacity = expert_capacity(cfg.capacity_factor, self.top_k, n_tokens, self.num_experts)
             keep = capacity_keep(index, self.num_experts, capacity, token_mask)
             weight = weight * keep
@@ -61,13 +60,13 @@ class SiRALayer(BlockMixtureLayer):
         if self.training and cfg.aux_loss_weight > 0:
             probs = torch.softmax(logits, dim=-1)
             self._aux = cfg.aux_loss_weight * load_balancing_loss(probs, index, token_mask)
-        load = selection_share(index, self.num_experts, token_mask, keep)
-        return Routing(index=index, weight=weight, load=load)
+        return Routing(index=index, weight=weight, keep=keep)
 
 
 @register
 class SiRA(BlockMixtureMethod):
     name = "sira"
+    display_name = "SiRA"
     description = "sparse top-k LoRA experts with per-expert capacity, expert dropout and aux loss"
     paper = "Zhu et al. 2023, arXiv 2311.09179"
     config_cls = SiRAConfig

@@ -21,7 +21,7 @@ selected block ``j`` (gamma 1e-5 in the paper). ``b`` is a buffer: it receives
 no gradient and is saved with the adapter.
 
 With ``k = 1`` the normalised gate is the constant 1 and the router would get
-no gradient, so the raw ``s_j`` is used there (DESIGN §2).
+no gradient, so the raw ``s_j`` is used there.
 """
 
 from __future__ import annotations
@@ -30,9 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.methods.mixture import BlockMixtureLayer, BlockMixtureMethod, MixtureConfig, Routing
-from harness.methods.registry import register
-from harness.methods.routing import selection_share
+from harness.adapters import BlockMixtureLayer, BlockMixtureMethod, MixtureConfig, Routing, register
+from harness.adapters.routing import selection_counts
 
 
 @dataclass
@@ -56,11 +55,10 @@ class SMoRALayer(BlockMixtureLayer):
             weight = self.top_k * selected / selected.sum(-1, keepdim=True)
         else:
             weight = selected
-        load = selection_share(index, self.num_experts, token_mask)
+        counts = selection_counts(index, self.num_experts, token_mask)  # real tokens per block
         if self.training:
-            valid = 1 if token_mask is None else int(token_mask.sum())
-            self._counts = load * valid * self.top_k  # tokens per block in this batch
-        return Routing(index=index, weight=weight, load=load)
+            self._counts = counts
+        return Routing(index=index, weight=weight, load=counts / counts.sum().clamp_min(1.0))
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
@@ -74,6 +72,7 @@ class SMoRALayer(BlockMixtureLayer):
 @register
 class SMoRA(BlockMixtureMethod):
     name = "smora"
+    display_name = "SMoRA"
     description = "each rank block is an expert: sigmoid gates, top-k with a load-balancing bias"
     paper = "Zhao et al. 2025, arXiv 2501.15103"
     config_cls = SMoRAConfig

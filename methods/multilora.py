@@ -26,15 +26,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from harness.methods.base import ParamCount, TargetShape, kaiming_uniform_like_peft
-from harness.methods.mixture import (
+from harness.adapters import (
     BlockMixtureLayer,
     BlockMixtureMethod,
     MixtureConfig,
+    OptionError,
+    ParamCount,
     Routing,
+    TargetShape,
+    kaiming_uniform_like_peft,
     mixture_counts,
+    register,
 )
-from harness.methods.registry import register
 
 
 @dataclass
@@ -44,9 +47,9 @@ class MultiLoRAConfig(MixtureConfig):
 
     def __post_init__(self) -> None:
         if self.b_init not in ("kaiming", "zeros"):
-            raise ValueError(f"multilora b_init must be 'kaiming' or 'zeros', got {self.b_init!r}")
+            raise OptionError(f"multilora b_init must be 'kaiming' or 'zeros', got {self.b_init!r}")
         if self.b_init == "zeros" and self.scale_init == 0:
-            raise ValueError(
+            raise OptionError(
                 "multilora with b_init='zeros' and scale_init=0 can never learn "
                 "(every gradient is zero); set scale_init to a non-zero value"
             )
@@ -69,6 +72,7 @@ class MultiLoRALayer(BlockMixtureLayer):
 @register
 class MultiLoRA(BlockMixtureMethod):
     name = "multilora"
+    display_name = "MultiLoRA"
     description = "n parallel LoRAs with learnable scales s_i, summed (dense, no router)"
     paper = "Wang et al. 2023, arXiv 2311.11501"
     config_cls = MultiLoRAConfig

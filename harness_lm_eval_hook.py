@@ -2,9 +2,12 @@
 
 lm-eval finds models only in its own registry and has no plugin entry point for
 them, so the one-line ``harness_lm_eval.pth`` (installed into site-packages with
-this package) imports this module at interpreter start. It imports nothing
-heavy: it waits for ``lm_eval.api.registry`` to be imported and then registers
-the harness's model class lazily, by import path, beside lm-eval's own models.
+this package) imports this module at interpreter start. It imports nothing else —
+not even the ``harness`` package, so the harness that runs is the one ``sys.path``
+finds when the model is used (the current checkout for ``python -m harness``), never
+one fixed at interpreter start. It waits for ``lm_eval.api.registry`` to be imported
+and then registers the harness's model class lazily, by import path, beside
+lm-eval's own models.
 """
 
 from __future__ import annotations

@@ -37,10 +37,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.methods.base import BudgetError, ParamCount, TargetShape, kaiming_uniform_like_peft
-from harness.methods.mixture import BlockMixtureLayer, BlockMixtureMethod, MixtureConfig, Routing
-from harness.methods.registry import register
-from harness.methods.routing import selection_share, topk_softmax
+from harness.adapters import (
+    BlockMixtureLayer,
+    BlockMixtureMethod,
+    BudgetError,
+    MixtureConfig,
+    ParamCount,
+    Routing,
+    TargetShape,
+    kaiming_uniform_like_peft,
+    register,
+)
+from harness.adapters.grid import lora_count, standard_grid
+from harness.adapters.routing import topk_softmax
 
 
 @dataclass
@@ -67,7 +76,7 @@ class MALoRALayer(BlockMixtureLayer):
 
     def route(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> Routing:
         index, weight = topk_softmax(self.router(x), self.top_k)
-        return Routing(index=index, weight=weight, load=selection_share(index, self.num_experts, token_mask))
+        return Routing(index=index, weight=weight)
 
 
 def malora_counts(shape: TargetShape, experts: int, expert_rank: int, shared_rank: int, top_k: int) -> ParamCount:
@@ -84,6 +93,7 @@ def malora_counts(shape: TargetShape, experts: int, expert_rank: int, shared_ran
 @register
 class MALoRA(BlockMixtureMethod):
     name = "malora"
+    display_name = "MALoRA"
     description = "experts share one down-projection subspace S (A_e = P_e S); savings go to expert rank"
     paper = "Wang et al. 2024, arXiv 2410.22782"
     config_cls = MALoRAConfig
@@ -96,8 +106,6 @@ class MALoRA(BlockMixtureMethod):
         return {**super().describe(config), "shared_rank": config.shared_rank}
 
     def solve(self, request, variant, shapes, options=None) -> MALoRAConfig:
-        from harness.budget import lora_count, standard_grid
-
         options = dict(options or {})
         fixed_shared = options.pop("shared_rank", None)
         experts, base_rank, top_k = standard_grid(request, variant.granularity)

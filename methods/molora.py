@@ -21,9 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.methods.mixture import BlockMixtureLayer, BlockMixtureMethod, MixtureConfig, Routing
-from harness.methods.registry import register
-from harness.methods.routing import selection_share, soft_share, topk_softmax
+from harness.adapters import BlockMixtureLayer, BlockMixtureMethod, MixtureConfig, Routing, register
+from harness.adapters.routing import topk_softmax
 
 
 @dataclass
@@ -35,17 +34,15 @@ class MoLoRALayer(BlockMixtureLayer):
     def route(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> Routing:
         logits = self.router(x)
         if self.top_k is None:
-            gate = torch.softmax(logits, dim=-1)
-            return Routing(gate=gate, load=soft_share(gate, token_mask))
+            return Routing(gate=torch.softmax(logits, dim=-1))
         index, weight = topk_softmax(logits, self.top_k)
-        return Routing(
-            index=index, weight=weight, load=selection_share(index, self.num_experts, token_mask)
-        )
+        return Routing(index=index, weight=weight)
 
 
 @register
 class MoLoRA(BlockMixtureMethod):
     name = "molora"
+    display_name = "MoLoRA"
     description = "soft mixture of LoRA experts, p = softmax(W_g x) over all experts (top-k optional)"
     paper = "Zadouri et al. 2023, arXiv 2309.05444"
     config_cls = MoLoRAConfig

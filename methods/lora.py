@@ -16,8 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from harness.methods.base import Method, MethodConfig, ParamCount, TargetShape, Variant
-from harness.methods.registry import register
+from harness.adapters import Method, MethodConfig, ParamCount, TargetShape, Variant, register
 
 
 @dataclass
@@ -41,17 +40,19 @@ def peft_lora_config(config: LoRAConfig, targets: list[TargetShape]):
 @register
 class LoRA(Method):
     name = "lora"
+    display_name = "LoRA"
     description = "peft's LoRA; references at rank R (same total) and rank K (same activated)"
     paper = "Hu et al. 2021, arXiv 2106.09685"
     config_cls = LoRAConfig
     routed = False
     dense = True
     sweeps_granularity = False
+    is_reference = True
 
-    def variants(self, request) -> list[Variant]:
+    def variants(self, request, options=None) -> list[Variant]:
         return [
-            Variant(1, f"r{request.total_rank}", request.total_rank, "rank R (same total)"),
-            Variant(1, f"r{request.active_rank}", request.active_rank, "rank K (same activated)"),
+            Variant(1, f"r{request.total_rank}", request.total_rank, "rank R (same total)", "R"),
+            Variant(1, f"r{request.active_rank}", request.active_rank, "rank K (same activated)", "K"),
         ]
 
     def count(self, config: LoRAConfig, shape: TargetShape) -> ParamCount:

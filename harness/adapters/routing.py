@@ -1,0 +1,233 @@
+"""Vectorised routing pieces shared by the routed methods (no loop over experts or tokens).
+
+Everything here runs with tensor operations only: no ``.item()``, no ``int(tensor)``,
+no boolean indexing, so nothing forces a GPU->host synchronisation in the routed hot
+path (224 adapted modules a step at paper scale). Statistics (loads, shares) are
+computed on detached tensors, off the autograd path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Routing:
+    """A router's decision for ``N`` tokens.
+
+    Either ``gate`` (``(N, E)`` per-token gates, or ``(E,)`` shared by all tokens)
+    or ``index``/``weight`` (``(N, k)`` selected experts and their gates) or both.
+    ``load``: share of the batch's routing each expert received (``(E,)``, sums to 1);
+    ``None`` lets the layer compute it from ``index``/``keep`` (or the gate) only when it
+    is asked for (the training log reads it every few steps). ``keep`` (``(N, k)`` bool):
+    which selections happened (capacity).
+    """
+
+    gate: torch.Tensor | None = None
+    index: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    load: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
+
+    def dense_gate(self, n_experts: int) -> torch.Tensor | None:
+        if self.gate is None and self.index is not None:
+            self.gate = scatter_gate(self.index, self.weight, n_experts)
+        return self.gate
+
+    def expert_load(self, n_experts: int, token_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """``load`` if the router gave one, else the share of assignments (top-k) or of the
+        mean gate (dense, per-token gates); ``None`` for a gate shared by all tokens."""
+        if self.load is not None:
+            return self.load
+        if self.index is not None:
+            return selection_share(self.index, n_experts, token_mask, self.keep)
+        if self.gate is not None and self.gate.dim() == 2:
+            return soft_share(self.gate, token_mask)
+        return None
+
+    def token_shares(self, n_experts: int) -> torch.Tensor | None:
+        """Each token's expert shares, ``(N, E)`` float32, rows summing to 1: a top-k token
+        splits its share equally among the experts it was really routed to (capacity
+        drops count as not routed); a dense per-token gate is normalised by its absolute
+        sum. ``None`` when the routing does not depend on the token (shared gate)."""
+        if self.index is not None:
+            ones = torch.ones(self.index.shape, dtype=torch.float32, device=self.index.device)
+            if self.keep is not None:
+                ones = ones * self.keep
+            counts = torch.zeros(
+                self.index.shape[0], n_experts, dtype=torch.float32, device=self.index.device
+            ).scatter_add_(1, self.index, ones)
+            return (counts / counts.sum(-1, keepdim=True).clamp_min(1.0)).detach()
+        if self.gate is not None and self.gate.dim() == 2:
+            g = self.gate.detach().float().abs()
+            return g / g.sum(-1, keepdim=True).clamp_min(1e-12)
+        return None
+
+
+def topk_softmax(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` experts, gates = softmax over the ``k`` selected logits: ``(index, weight)``.
+
+    With ``k = 1`` that softmax is the constant 1 and the router would never
+    receive a gradient through the output, so the selected expert's probability
+    under the softmax over *all* experts is used instead (Switch Transformer's
+    top-1 gate, Fedus et al. 2021).
+    """
+    if k == 1:
+        probs = torch.softmax(logits, dim=-1)
+        weight, index = probs.topk(1, dim=-1)
+        return index, weight
+    values, index = logits.topk(k, dim=-1)
+    return index, torch.softmax(values, dim=-1)
+
+
+def scatter_gate(index: torch.Tensor, weight: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """``(N, k)`` selected experts and their gates -> dense ``(N, E)`` gate, zero elsewhere."""
+    gate = torch.zeros(index.shape[0], n_experts, dtype=weight.dtype, device=weight.device)
+    return gate.scatter(1, index, weight)
+
+
+def _valid(index: torch.Tensor, token_mask: torch.Tensor | None, keep: torch.Tensor | None) -> torch.Tensor:
+    """``(N, k)`` float32 weights: 1 for assignments that happened on real tokens, else 0."""
+    valid = torch.ones(index.shape, dtype=torch.float32, device=index.device)
+    if keep is not None:
+        valid = valid * keep
+    if token_mask is not None:
+        valid = valid * token_mask.unsqueeze(-1)
+    return valid
+
+
+def selection_counts(
+    index: torch.Tensor,
+    n_experts: int,
+    token_mask: torch.Tensor | None,
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Number of real tokens that selected each expert, ``(E,)`` float32 (no host sync)."""
+    counts = torch.zeros(n_experts, dtype=torch.float32, device=index.device)
+    return counts.index_add_(0, index.detach().reshape(-1), _valid(index, token_mask, keep).reshape(-1))
+
+
+def selection_share(
+    index: torch.Tensor,
+    n_experts: int,
+    token_mask: torch.Tensor | None,
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Share of the batch's token-to-expert assignments each expert received, ``(E,)``, sums to 1.
+
+    ``keep`` (``(N, k)`` bool) drops assignments that did not happen (capacity);
+    masked tokens (padding) do not count.
+    """
+    counts = selection_counts(index, n_experts, token_mask, keep)
+    return counts / counts.sum().clamp_min(1.0)
+
+
+def masked_mean(values: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``values`` (``(N, ...)``) over the real tokens (all tokens without a mask);
+    zero when no token is real. A weighted sum, not a boolean index: no host sync."""
+    if token_mask is None:
+        return values.mean(0)
+    w = token_mask.to(values.dtype).reshape(-1, *([1] * (values.dim() - 1)))
+    return (values * w).sum(0) / w.sum().clamp_min(1.0)
+
+
+def soft_share(gate: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean gate per expert over real tokens, normalised to sum to 1 (dense routing)."""
+    mean = masked_mean(gate.detach().float(), token_mask)
+    return mean / mean.sum().clamp_min(1e-12)
+
+
+def real_tokens(n_tokens: int, token_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """The number of real tokens as a 0-d float tensor (stays on the device)."""
+    if token_mask is None:
+        return torch.tensor(float(n_tokens), device=device)
+    return token_mask.sum().float()
+
+
+def expert_capacity(
+    capacity_factor: float, top_k: int, n_tokens: torch.Tensor, n_experts: int
+) -> torch.Tensor:
+    """SiRA's per-expert capacity ``ceil(cf · k · T / E)`` tokens per batch (``T``: a tensor
+    of real tokens, so the capacity stays on the device; float64 like Python's arithmetic,
+    so an exact multiple is not pushed over by rounding)."""
+    return torch.ceil(capacity_factor * top_k * n_tokens.double() / n_experts)
+
+
+def capacity_keep(
+    index: torch.Tensor,
+    n_experts: int,
+    capacity: torch.Tensor | int,
+    token_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """Which assignments fit in their expert's capacity, ``(N, k)`` bool.
+
+    Priority (as in GShard): every token's first choice before any token's second
+    choice; within one choice rank, earlier tokens (flattened batch order) first.
+    Masked tokens neither consume capacity nor are kept.
+    """
+    n, k = index.shape
+    onehot = F.one_hot(index, n_experts)  # (N, k, E)
+    if token_mask is not None:
+        onehot = onehot * token_mask.view(n, 1, 1)
+    by_priority = onehot.transpose(0, 1).reshape(k * n, n_experts)  # choice rank major
+    position = by_priority.cumsum(0) * by_priority  # 1-based slot in the chosen expert
+    fits = (position > 0) & (position <= capacity)
+    return fits.any(-1).view(k, n).transpose(0, 1)
+
+
+def load_balancing_loss(
+    probs: torch.Tensor,
+    index: torch.Tensor,
+    token_mask: torch.Tensor | None,
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Switch Transformer's auxiliary loss (Fedus et al. 2021, eq. 4), generalised to top-k:
+
+        L_aux = E · sum_e f_e · P_e
+
+    ``f_e``: share of assignments routed to expert ``e`` (without ``keep``: the router's
+    choices, before capacity); ``P_e``: mean router probability of ``e`` over real tokens.
+    Equals 1 under perfect balance.
+    """
+    n_experts = probs.shape[-1]
+    f = selection_share(index, n_experts, token_mask, keep).to(probs.dtype)
+    return n_experts * torch.sum(f * masked_mean(probs, token_mask))
+
+
+@dataclass
+class RoutingRecord:
+    """Where each task's tokens went during one evaluation.
+
+    ``shares[module][task]``: the mean, over the task's scored sequences, of each
+    sequence's expert shares averaged over its real tokens (a list of ``E`` numbers
+    summing to 1; :meth:`Routing.token_shares` per token). ``sequences[task]``: how many
+    sequences of the task were scored. Every sequence weighs the same, whatever its length.
+    """
+
+    shares: dict[str, dict[str, list[float]]]
+    sequences: dict[str, int]
+
+    def pooled(self, module: str) -> list[float]:
+        """The module's expert shares over every scored sequence (tasks weighted by their
+        number of sequences)."""
+        by_task = self.shares[module]
+        total = sum(self.sequences.get(t, 0) for t in by_task)
+        width = len(next(iter(by_task.values())))
+        return [
+            sum(self.sequences.get(t, 0) * s[e] for t, s in by_task.items()) / max(total, 1)
+            for e in range(width)
+        ]
+
+    def effective_experts(self) -> float | None:
+        """``exp(H(p))`` of each module's pooled expert distribution ``p``, averaged over the
+        modules: the number of equally used experts with the same entropy (``G`` when every
+        expert gets the same share, 1 when one expert takes everything)."""
+        values = []
+        for module in self.shares:
+            p = torch.tensor(self.pooled(module), dtype=torch.float64)
+            p = p[p > 0]
+            values.append(float(torch.exp(-(p * p.log()).sum())))
+        return sum(values) / len(values) if values else None

@@ -1,0 +1,292 @@
+"""The one reader of stored run results: everything tables, figures and the summary show.
+
+Reads only what the runs left on disk — ``metrics.json``, ``train.json``,
+``train_log.jsonl`` and ``routing.json`` in ``{out_dir}/runs/{run_id}/`` (and a
+component's ``train.json`` for the time of earlier stages) — plus the study plan (budget
+rows, run ids); it never trains or evaluates anything. Every run the plan lists must have
+its files: a missing file is reported by run id and file name
+(:class:`MissingResultsError`), never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from harness.adapters import get_method
+from harness.io import read_json
+
+if TYPE_CHECKING:
+    from harness.study import StudyPlan
+
+
+class MissingResultsError(FileNotFoundError):
+    """A run of the plan without its stored results; the message names every one."""
+
+
+def display_name(method: str) -> str:
+    """How tables and figures print a method (its ``display_name``; ``base model``)."""
+    if method == "base":
+        return "base model"
+    try:
+        return get_method(method).label
+    except KeyError:
+        return method
+
+
+@dataclass
+class StudyResults:
+    """Everything the tables and figures need, read from disk.
+
+    ``runs``: one row per run (``run_id, key, method, variant, granularity, seed,
+    suite_acc, metric:<name>... (a method's scalar evaluation metrics, e.g. a router's
+    accuracy), acc:<task>..., total, activated, router, train_s, eval_s, final_loss``),
+    accuracies as fractions in [0, 1]. ``curves``: one row per logged training step
+    (``run_id, key, method, variant, granularity, seed, step, loss``). ``loads``: the last
+    logged expert load of each routed run, one row per (run, layer, expert)
+    (``..., step, layer, expert, share, order``; ``order`` is the expert's position when
+    that layer's shares are sorted from largest to smallest). ``curves`` and ``loads`` are
+    empty unless the logs were read.
+    """
+
+    plan: StudyPlan
+    runs: pd.DataFrame
+    tasks: list[str]
+    curves: pd.DataFrame
+    loads: pd.DataFrame
+    metrics: dict[str, dict[str, Any]]
+    train: dict[str, dict[str, Any]]
+
+    @property
+    def keys(self) -> list[str]:
+        """Method x variant keys in table order (:func:`variant_keys`)."""
+        return variant_keys(self.plan)
+
+
+def variant_key(method: str, variant: str) -> str:
+    return f"{method}-{variant}"
+
+
+def reference_key(plan: StudyPlan, which: str = "R") -> str | None:
+    """The key of the reference at rank R (``which="R"``, same total) or rank K (``"K"``,
+    same activated), or ``None`` when the study does not run it."""
+    for row in plan.rows:
+        if row.variant.reference == which:
+            return variant_key(row.method, row.variant.tag)
+    return None
+
+
+def is_reference(plan: StudyPlan, method: str) -> bool:
+    """Whether ``method`` is the study's reference method (its rows are the budget targets)."""
+    return any(row.method == method and row.reference_method for row in plan.rows)
+
+
+def base_key(plan: StudyPlan) -> str | None:
+    base = [r for r in plan.runs if r.is_base]
+    return variant_key("base", base[0].tag) if base else None
+
+
+def variant_keys(plan: StudyPlan) -> list[str]:
+    """Method x variant keys in table order: base, the reference at rank R, at rank K, then
+    the rest in the order of the study's budget rows."""
+    keys: list[str] = []
+    if (b := base_key(plan)) is not None:
+        keys.append(b)
+    for ref in (reference_key(plan, "R"), reference_key(plan, "K")):
+        if ref is not None and ref not in keys:
+            keys.append(ref)
+    for row in plan.rows:
+        key = variant_key(row.method, row.variant.tag)
+        if key not in keys:
+            keys.append(key)
+    return keys
+
+
+def row_label(plan: StudyPlan, method: str, variant: str) -> str:
+    """A reader's name for a method x variant: ``SiRA G=8``, ``LoRA r=16 (rank R)``."""
+    if method == "base":
+        return "base model (untrained)"
+    name = display_name(method)
+    for row in plan.rows:
+        if row.method == method and row.variant.tag == variant and row.variant.reference:
+            return f"{name} r={row.variant.rank} (rank {row.variant.reference})"
+    if variant.startswith("G") and variant[1:].isdigit():
+        return f"{name} G={variant[1:]}"
+    return f"{name} {variant}"
+
+
+def _read_json_named(path: Path) -> dict[str, Any]:
+    try:
+        return read_json(path)
+    except ValueError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+
+
+def _read_log(path: Path) -> list[dict[str, Any]]:
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError as exc:
+            raise ValueError(f"{path}, line {number}: not valid JSON ({exc})") from None
+    return records
+
+
+def missing_results(plan: StudyPlan, logs: bool = False) -> list[tuple[str, str]]:
+    """``(run_id, file name)`` for every stored result the plan expects and the disk lacks."""
+    needed = ["metrics.json"]
+    trained = ["train.json", *(["train_log.jsonl"] if logs else [])]
+    missing = []
+    for run in plan.runs:
+        run_dir = plan.run_dir(run)
+        for name in needed + ([] if run.is_base else trained):
+            if not (run_dir / name).exists():
+                missing.append((run.run_id, name))
+    return missing
+
+
+def _raise_missing(plan: StudyPlan, missing: list[tuple[str, str]]) -> None:
+    by_run: dict[str, list[str]] = {}
+    for run_id, name in missing:
+        by_run.setdefault(run_id, []).append(name)
+    listed = "; ".join(f"{run_id}: {', '.join(names)}" for run_id, names in by_run.items())
+    raise MissingResultsError(
+        f"{len(by_run)} of {len(plan.runs)} run(s) of study {plan.config['study']!r} lack stored "
+        f"results in {plan.out_dir / 'runs'} — {listed}. Tables and figures are built only from "
+        "complete results: run the study (`snakemake --cores N --configfile <config>`) or copy "
+        "the missing run folders in."
+    )
+
+
+def suite_score(metrics: dict[str, Any]) -> float:
+    suite = metrics.get("suite_acc")
+    if suite is not None:
+        return float(suite)
+    accs = [v["acc"] for v in metrics.get("tasks", {}).values() if v.get("acc") is not None]
+    return float(np.mean(accs)) if accs else math.nan
+
+
+def component_seconds(plan: StudyPlan, run) -> float:
+    """Training wall time of the components a run was built on (``Run.components``, e.g. a
+    staged method's task adapters; 0 for other methods), summed; NaN if one has no
+    ``train.json``."""
+    total = 0.0
+    for component in getattr(run, "components", None) or []:
+        path = plan.out_dir / component / "train.json"
+        if not path.exists():
+            return math.nan
+        total += (_read_json_named(path).get("timing") or {}).get("wall_s", math.nan)
+    return total
+
+
+def collect_results(plan: StudyPlan, logs: bool = False) -> StudyResults:
+    """Read every run's stored results; raise :class:`MissingResultsError` naming every
+    missing ``(run id, file)`` if any run of the plan is incomplete.
+
+    ``logs=True`` also reads ``train_log.jsonl`` (training curves and expert loads).
+    """
+    missing = missing_results(plan, logs=logs)
+    if missing:
+        _raise_missing(plan, missing)
+    rows, curves, loads = [], [], []
+    all_metrics, all_train = {}, {}
+    tasks: list[str] = []
+    for run in plan.runs:
+        run_dir = plan.run_dir(run)
+        metrics = _read_json_named(run_dir / "metrics.json")
+        if metrics.get("run_id", run.run_id) != run.run_id:
+            raise ValueError(
+                f"{run_dir / 'metrics.json'} belongs to run {metrics.get('run_id')!r}, not "
+                f"{run.run_id!r}: the folder was copied or renamed; rerun its evaluation"
+            )
+        all_metrics[run.run_id] = metrics
+        for task in metrics.get("tasks", {}):
+            if task not in tasks:
+                tasks.append(task)
+        ident = {
+            "run_id": run.run_id,
+            "key": variant_key(run.method, run.tag),
+            "method": run.method,
+            "variant": run.tag,
+            "granularity": run.granularity,
+            "seed": run.seed,
+        }
+        row: dict[str, Any] = {
+            **ident,
+            "suite_acc": suite_score(metrics),
+            **{
+                f"metric:{name}": value
+                for name, value in (metrics.get("method_metrics") or {}).items()
+                if isinstance(value, (int, float)) or value is None
+            },
+            **{f"acc:{t}": v.get("acc") for t, v in metrics.get("tasks", {}).items()},
+            "total": None,  # the base model has no adapter
+            "activated": None,
+            "router": None,
+            "train_s": math.nan,
+            "eval_s": (metrics.get("timing") or {}).get("wall_s", math.nan),
+            "final_loss": math.nan,
+        }
+        if not run.is_base:
+            train = _read_json_named(run_dir / "train.json")
+            all_train[run.run_id] = train
+            params = train.get("params") or {}
+            row.update(
+                {
+                    "total": params.get("total"),
+                    "activated": params.get("activated"),
+                    "router": params.get("router"),
+                    "train_s": (train.get("timing") or {}).get("wall_s", math.nan)
+                    + component_seconds(plan, run),
+                    "final_loss": train.get("final_loss", math.nan),
+                }
+            )
+            if logs:
+                records = _read_log(run_dir / "train_log.jsonl")
+                for rec in records:
+                    curves.append({**ident, "step": rec["step"], "loss": rec.get("loss")})
+                last = next((r for r in reversed(records) if r.get("expert_load")), None)
+                if last is not None:
+                    for layer, shares in last["expert_load"].items():
+                        order = np.argsort(-np.asarray(shares, dtype=float), kind="stable")
+                        position = np.empty(len(shares), dtype=int)
+                        position[order] = np.arange(len(shares))
+                        for expert, share in enumerate(shares):
+                            loads.append(
+                                {
+                                    **ident,
+                                    "step": last["step"],
+                                    "layer": layer,
+                                    "expert": expert,
+                                    "share": float(share),
+                                    "order": int(position[expert]),
+                                }
+                            )
+        rows.append(row)
+    runs = pd.DataFrame.from_records(rows)
+    for col in ("total", "activated", "router"):
+        runs[col] = pd.to_numeric(runs[col])
+    curve_cols = ["run_id", "key", "method", "variant", "granularity", "seed", "step", "loss"]
+    curves_df = pd.DataFrame.from_records(curves, columns=curve_cols)
+    if len(curves_df):
+        curves_df = curves_df.drop_duplicates(["run_id", "step"], keep="last")
+    load_cols = [*curve_cols[:6], "step", "layer", "expert", "share", "order"]
+    return StudyResults(
+        plan=plan,
+        runs=runs,
+        tasks=tasks,
+        curves=curves_df,
+        loads=pd.DataFrame.from_records(loads, columns=load_cols),
+        metrics=all_metrics,
+        train=all_train,
+    )
+
+
