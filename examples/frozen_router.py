@@ -7,8 +7,8 @@ projection (a buffer, never trained), so it adds no trainable parameters.
 
 import torch
 
-from harness.methods import BlockMixtureLayer, BlockMixtureMethod, Routing, register
-from harness.methods.routing import selection_share, topk_softmax
+from harness.adapters import BlockMixtureLayer, BlockMixtureMethod, Routing, register
+from harness.adapters.routing import selection_share, topk_softmax
 
 
 class FrozenRouterLayer(BlockMixtureLayer):

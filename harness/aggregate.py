@@ -30,16 +30,14 @@ Tables, written to ``{out_dir}/tables/`` by :func:`write_tables`:
 * ``budget_table``: the solver's rows for the study (one per method x variant),
   with counts checked against real layers built on the ``meta`` device.
 
-* ``significance``: paired comparisons over seeds (the same seed means the
-  same data order and the same initialisation seed). For rows A and B and the
-  seeds both ran, ``d_s = a_s(A) - a_s(B)`` in percentage points; reported:
-  ``n`` pairs, ``mean_diff = (1/n) sum_s d_s``, ``std_diff`` (sample std of
-  ``d_s``, ddof = 1), ``se = std_diff / sqrt(n)``, the paired t statistic
-  ``t = mean_diff / se`` with ``n - 1`` degrees of freedom and its two-sided
-  p-value (``scipy.stats.ttest_rel``; NaN when ``n < 2``). The verdict is
-  "within noise" when ``|mean_diff| < 2 se`` or ``p >= 0.05``. Comparisons:
-  every method x variant against LoRA rank R, and, for each method run at
-  several granularities, the finest against the coarsest.
+* ``significance``: every comparison of the study's family (each method x variant against
+  LoRA rank R; finest against coarsest granularity per method; each method's best variant
+  against the best other method) with the difference of the suite score, its 95% CI from
+  a paired bootstrap over seeds and test items, the bootstrap p-value, the Holm-adjusted
+  p-value and the verdict (:mod:`harness.comparisons`, which states every formula).
+
+* ``granularity_trend``: per method run at several granularities, its score at each G, the
+  slope per doubling of G and the middle bump with their CIs, and the curve's shape.
 
 * ``provenance``: per run, the commit, package versions, device and wall times
   recorded with the results.
@@ -48,13 +46,19 @@ Tables, written to ``{out_dir}/tables/`` by :func:`write_tables`:
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import numpy as np
 import pandas as pd
 
+from harness.comparisons import (
+    significance_caption,
+    significance_display,
+    significance_table,
+    trend_caption,
+    trend_display,
+    trend_table,
+)
 from harness.io import atomic_write_text
 from harness.render import (
     ACC_DECIMALS,
@@ -69,19 +73,15 @@ from harness.render import (
 from harness.report import budget_frame, budget_table_texts, verified_budget
 from harness.results import (
     StudyResults,
-    base_key,
     collect_results,
     reference_key,
     row_label,
     variant_key,
 )
+from harness.sharing import sharing_table
 
 if TYPE_CHECKING:
     from harness.study import StudyPlan
-
-#: verdict threshold on the paired t-test
-ALPHA = 0.05
-
 
 # -- the main table ------------------------------------------------------------------------
 
@@ -127,6 +127,7 @@ def main_table(results: StudyResults) -> pd.DataFrame:
             record[task] = group[f"acc:{task}"].astype(float).mean() * 100
         record["suite_mean"] = suite.mean()
         record["suite_std"] = suite.std(ddof=1) if len(group) > 1 else math.nan
+        record["effective_experts"] = group["effective_experts"].astype(float).mean()
         for col in _metric_columns(runs):
             record[col] = group[col].astype(float).mean() * 100
         for col in ("total", "activated", "router"):
@@ -137,21 +138,53 @@ def main_table(results: StudyResults) -> pd.DataFrame:
             "untrained: no adapter" if first["method"] == "base" else notes.get(key, "")
         )
         records.append(record)
+    for name, label in (("majority", "majority-class baseline"), ("chance", "chance (random answer)")):
+        shares = results.baselines.get(name) or {}
+        if shares and all(t in shares for t in results.tasks):
+            record = {"label": label, "method": name, "variant": "", "granularity": 0, "n_seeds": 0,
+                      **{t: shares[t] * 100 for t in results.tasks}}
+            record["suite_mean"] = sum(shares[t] for t in results.tasks) / len(results.tasks) * 100
+            record["note"] = {
+                "majority": "always the test set's most common label, per task",
+                "chance": "a uniformly random choice: the mean of 1/#choices",
+            }[name]
+            records.append(record)
     return pd.DataFrame.from_records(records)
+
+
+def below_chance(table: pd.DataFrame, tasks: list[str]) -> set[tuple[int, str]]:
+    """``(row index, task)`` cells of trained runs (and the base model) that score below the
+    chance row of the table."""
+    chance = table[table["method"] == "chance"]
+    if chance.empty:
+        return set()
+    level = chance.iloc[0]
+    return {
+        (i, t)
+        for i, row in table.iterrows()
+        if row["method"] not in ("chance", "majority")
+        for t in tasks
+        if not pd.isna(row[t]) and row[t] < level[t] - 1e-9
+    }
 
 
 def _main_display(table: pd.DataFrame, tasks: list[str], bold) -> pd.DataFrame:
     """The main table as strings, best cells wrapped by ``bold``."""
-    best = best_cells(table, [*tasks, "suite_mean"])
+    scored = table[~table["method"].isin(["chance", "majority"])]
+    best = best_cells(scored, [*tasks, "suite_mean"])
+    low = below_chance(table, tasks)
     shown = pd.DataFrame(index=table.index)
     shown["method"] = table["label"]
-    shown["seeds"] = table["n_seeds"].astype(str)
+    shown["seeds"] = table["n_seeds"].map(lambda v: "" if not v else str(int(v)))
+    if "effective_experts" in table and table["effective_experts"].notna().any():
+        shown["eff. experts"] = table["effective_experts"].map(lambda v: "" if pd.isna(v) else f"{v:.1f}")
     for task in tasks:
         shown[task] = [
-            bold(fmt_acc(v)) if i in best[task] else fmt_acc(v) for i, v in table[task].items()
+            (bold(fmt_acc(v)) if i in best[task] else fmt_acc(v)) + (" ‡" if (i, task) in low else "")
+            for i, v in table[task].items()
         ]
     suite = []
-    for i, (m, s) in enumerate(zip(table["suite_mean"], table["suite_std"])):
+    for i, (m, s) in enumerate(zip(table["suite_mean"], table["suite_std"].reindex(table.index))):
         text = fmt_acc(m) + ("" if pd.isna(s) else f" ± {s:.{ACC_DECIMALS}f}")
         suite.append(bold(text) if table.index[i] in best["suite_mean"] else text)
     shown["suite mean ± std"] = suite
@@ -161,13 +194,13 @@ def _main_display(table: pd.DataFrame, tasks: list[str], bold) -> pd.DataFrame:
         )
     for col in ("total", "activated", "router"):
         shown[col] = table[col].map(fmt_int)
-    shown["accounting"] = "router: " + table["router_mode"].astype(str)
+    shown["accounting"] = table["router_mode"].map(lambda v: "" if pd.isna(v) else f"router: {v}")
     shown["train (s)"] = table["train_s"].map(fmt_seconds)
     shown["note"] = table["note"]
     return shown
 
 
-def _main_caption(plan: StudyPlan, table: pd.DataFrame) -> str:
+def _main_caption(plan: StudyPlan, table: pd.DataFrame, cache_build_s: float = 0.0) -> str:
     budget = plan.config["budget"]
     seeds = plan.config["train"]["seeds"]
     missing = [which for which in ("R", "K") if reference_key(plan, which) is None]
@@ -181,14 +214,25 @@ def _main_caption(plan: StudyPlan, table: pd.DataFrame) -> str:
         f"Study {plan.config['study']}: accuracy (%) per task and on the suite, mean over "
         f"{len(seeds)} seed(s); suite: mean ± sample std over seeds. Budget R = "
         f"{budget['total_rank']}, K = {budget['active_rank']}, router: {budget['router']}. "
-        "Bold: best in column." + note
+        "Bold: best in column (baseline rows aside). ‡: below chance. Each task is scored by its "
+        "primary metric (acc, or acc_norm when its choices are phrases)."
+        + (" Eff. experts: exp(entropy) of the expert distribution of the evaluation's scored "
+           "sequences, averaged over the adapted modules (G when every expert is used alike)."
+           if "effective_experts" in table and table["effective_experts"].notna().any() else "")
+        + note
+        + (
+            f" Training times exclude the one-time build of the frozen lower-layer cache "
+            f"({cache_build_s:.0f} s in all, shared by every run)."
+            if cache_build_s
+            else ""
+        )
     )
 
 
 def main_table_texts(results: StudyResults, table: pd.DataFrame | None = None) -> dict[str, str]:
     """``{"csv", "md", "tex"}`` of the main table."""
     table = main_table(results) if table is None else table
-    caption = _main_caption(results.plan, table)
+    caption = _main_caption(results.plan, table, results.cache_build_s)
     md = _main_display(table, results.tasks, md_bold)
     tex = _main_display(table, results.tasks, lambda s: "\x00" + s + "\x01")
     tex = tex.map(lambda s: tex_escape(s).replace("\x00", r"\textbf{").replace("\x01", "}"))
@@ -199,145 +243,48 @@ def main_table_texts(results: StudyResults, table: pd.DataFrame | None = None) -
     }
 
 
-# -- significance --------------------------------------------------------------------------
-
-
-def paired_difference(a: pd.Series, b: pd.Series) -> dict[str, Any]:
-    """Paired comparison of two per-seed series (indexed by seed), ``d = a - b`` on the
-    seeds both have. Returns ``n, mean_diff, std_diff (ddof=1), se, t, p_value, verdict``
-    (see the module docstring for the formulas)."""
-    from scipy.stats import ttest_rel
-
-    seeds = sorted(set(a.index) & set(b.index))
-    x = np.asarray([a[s] for s in seeds], dtype=float)
-    y = np.asarray([b[s] for s in seeds], dtype=float)
-    d = x - y
-    n = len(d)
-    out: dict[str, Any] = {"n_pairs": n, "seeds": " ".join(map(str, seeds))}
-    mean = float(d.mean()) if n else math.nan
-    std = float(d.std(ddof=1)) if n > 1 else math.nan
-    se = std / math.sqrt(n) if n > 1 else math.nan
-    if n == 0:
-        t = p = math.nan
-        verdict = "no common seeds"
-    elif n < 2:
-        t = p = math.nan
-        verdict = "one seed: no noise estimate"
-    elif std <= 1e-12 * max(1.0, abs(mean)):
-        # every seed moved by the same amount; the t statistic is undefined (0/0 or x/0)
-        t, p = (math.nan, math.nan) if mean == 0 else (math.copysign(math.inf, mean), 0.0)
-        verdict = (
-            "identical on every seed"
-            if mean == 0
-            else (("better" if mean > 0 else "worse") + " on every seed by the same amount")
-        )
-    else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            res = ttest_rel(x, y)
-        t, p = float(res.statistic), float(res.pvalue)
-        if abs(mean) < 2 * se or p >= ALPHA:
-            verdict = "within noise"
-        else:
-            verdict = "better" if mean > 0 else "worse"
-    out.update(
-        {"mean_diff": mean, "std_diff": std, "se": se, "t": t, "p_value": p, "verdict": verdict}
-    )
-    return out
-
-
-def _per_seed(runs: pd.DataFrame, key: str) -> pd.Series:
-    group = runs[runs["key"] == key]
-    return pd.Series((group["suite_acc"].astype(float) * 100).values, index=group["seed"].values)
-
-
-def significance_table(results: StudyResults) -> pd.DataFrame:
-    """Paired differences of the suite score (percentage points), one row per comparison:
-    every method x variant against LoRA rank R, then, per method with several granularities,
-    its finest granularity against its coarsest. Columns: ``comparison, label, versus,
-    method, variant, n_pairs, seeds, mean_diff, std_diff, se, t, p_value, verdict``."""
-    plan = results.plan
-    runs = results.runs
-    ref = reference_key(plan, "R")
-    ref_label = row_label(plan, *ref.split("-", 1)) if ref else ""
-    ref_scores = _per_seed(runs, ref) if ref else pd.Series(dtype=float)
-    records = []
-    base = base_key(plan)
-    for key in results.keys:
-        if key in (ref, base) or ref_scores.empty:  # no reference at rank R: no such rows
-            continue
-        group = runs[runs["key"] == key]
-        first = group.iloc[0]
-        res = paired_difference(_per_seed(runs, key), ref_scores)
-        records.append(
-            {
-                "comparison": "vs LoRA rank R",
-                "label": row_label(plan, first["method"], first["variant"]),
-                "versus": ref_label,
-                "method": first["method"],
-                "variant": first["variant"],
-                **res,
-            }
-        )
-    swept: dict[str, list[tuple[int, str]]] = {}
-    for row in plan.rows:
-        if not row.reference_method:
-            swept.setdefault(row.method, []).append((row.variant.granularity, row.variant.tag))
-    for method, variants in swept.items():
-        if len({g for g, _ in variants}) < 2:
-            continue
-        coarse, fine = min(variants), max(variants)
-        res = paired_difference(
-            _per_seed(runs, variant_key(method, fine[1])),
-            _per_seed(runs, variant_key(method, coarse[1])),
-        )
-        records.append(
-            {
-                "comparison": "finest vs coarsest G",
-                "label": row_label(plan, method, fine[1]),
-                "versus": row_label(plan, method, coarse[1]),
-                "method": method,
-                "variant": fine[1],
-                **res,
-            }
-        )
-    columns = ["comparison", "label", "versus", "method", "variant", "n_pairs", "seeds"]
-    columns += ["mean_diff", "std_diff", "se", "t", "p_value", "verdict"]
-    return pd.DataFrame.from_records(records, columns=columns)
-
-
-def _verdict_words(row: pd.Series) -> str:
-    v = row["verdict"]
-    if v in ("better", "worse"):
-        return f"{v} than {row['versus']}"
-    return v
+# -- significance and the granularity trend (harness.comparisons) ----------------------------
 
 
 def significance_texts(plan: StudyPlan, table: pd.DataFrame) -> dict[str, str]:
-    caption = (
-        f"Study {plan.config['study']}: paired differences of the suite accuracy over seeds "
-        "(same seed = same data order), in percentage points; std: sample std of the "
-        "differences; se = std / sqrt(n); p: paired t-test; within noise when "
-        f"|mean| < 2 se or p ≥ {ALPHA}."
-    )
-    shown = pd.DataFrame(
-        {
-            "comparison": table["comparison"],
-            "method": table["label"],
-            "versus": table["versus"],
-            "pairs": table["n_pairs"].astype(str),
-            "mean diff (pp)": table["mean_diff"].map(lambda v: "–" if pd.isna(v) else f"{v:+.2f}"),
-            "std (pp)": table["std_diff"].map(lambda v: "–" if pd.isna(v) else f"{v:.2f}"),
-            "se (pp)": table["se"].map(lambda v: "–" if pd.isna(v) else f"{v:.2f}"),
-            "p": table["p_value"].map(lambda v: "–" if pd.isna(v) else f"{v:.3f}"),
-            "verdict": table.apply(_verdict_words, axis=1) if len(table) else [],
-        }
-    )
+    caption = significance_caption(plan, table)
+    shown = significance_display(table)
     return {
         "csv": table.to_csv(index=False),
         "md": caption + "\n\n" + shown.to_markdown(index=False) + "\n",
         "tex": to_latex(shown, caption, "tab:significance"),
     }
+
+
+def trend_texts(plan: StudyPlan, table: pd.DataFrame) -> dict[str, str]:
+    caption = trend_caption(plan)
+    shown = trend_display(table)
+    md = shown.to_markdown(index=False) if not shown.empty else "(no method was run at two or more granularities)"
+    return {
+        "csv": table.to_csv(index=False),
+        "md": caption + "\n\n" + md + "\n",
+        "tex": to_latex(shown, caption, "tab:trend") if not shown.empty else "% no trend\n",
+    }
+
+
+def sharing_texts(plan: StudyPlan, table: pd.DataFrame) -> dict[str, str]:
+    caption = (
+        f"Study {plan.config['study']}: expert overlap of two tasks (histogram intersection of "
+        "their expert distributions at evaluation; 1 = the same experts in the same shares), "
+        "mean over adapted modules and task pairs, then over seeds: within a task family, "
+        "across families, over all pairs (harness/sharing.py)."
+    )
+    shown = pd.DataFrame(
+        {
+            "method": [row_label(plan, m, v) for m, v in zip(table["method"], table["variant"])],
+            "seeds": table["n_seeds"].astype(str),
+            "within family": table["within"].map(lambda v: "–" if pd.isna(v) else f"{v:.3f}"),
+            "across families": table["across"].map(lambda v: "–" if pd.isna(v) else f"{v:.3f}"),
+            "within − across": table["within_minus_across"].map(lambda v: "–" if pd.isna(v) else f"{v:+.3f}"),
+            "all pairs": table["all_pairs"].map(lambda v: f"{v:.3f}"),
+        }
+    )
+    return {"csv": table.to_csv(index=False), "md": caption + "\n\n" + shown.to_markdown(index=False) + "\n"}
 
 
 # -- provenance ------------------------------------------------------------------------------
@@ -389,7 +336,13 @@ def write_tables(
         "main_table": main_table_texts(results),
         "budget_table": budget_table_texts(plan, budget_frame(plan)),
         "significance": significance_texts(plan, significance_table(results)),
+        "granularity_trend": trend_texts(plan, trend_table(results)),
     }
+    sharing = sharing_table(results)
+    if not sharing.empty:
+        texts["expert_sharing"] = sharing_texts(plan, sharing)
+    else:
+        texts["expert_sharing"] = {"csv": "", "md": "No routed run recorded its experts.\n"}
     prov = provenance_table(results)
     texts["provenance"] = {
         "csv": prov.to_csv(index=False),

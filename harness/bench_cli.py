@@ -40,17 +40,17 @@ def add_commands(sub) -> None:
         help="training step time, tokens/s, evaluation throughput and memory of every method "
         "(and peft LoRA at ranks R and K), as ratios to LoRA rank R, under <out_dir>/bench",
     )
-    p.add_argument("--config", required=True)
-    p.add_argument("--out", default=None, help="write here instead of <out_dir>/bench")
+    p.add_argument("--config", required=True, metavar="FILE", help="study config (YAML)")
+    p.add_argument("--out", default=None, metavar="DIR", help="write here instead of <out_dir>/bench")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: bench.threads, 2)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="override model.device")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="override model.dtype (bfloat16 on CUDA: bf16 autocast, as training)")
-    p.add_argument("--warmup-steps", type=int, default=None)
-    p.add_argument("--timed-steps", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--sweep-steps", type=int, default=None)
-    p.add_argument("--sweep-repeats", type=int, default=None)
+    p.add_argument("--warmup-steps", type=int, default=None, help="untimed steps per contender (bench.warmup_steps)")
+    p.add_argument("--timed-steps", type=int, default=None, help="timed steps per repeat (bench.timed_steps)")
+    p.add_argument("--repeats", type=int, default=None, help="round-robin repeats (bench.repeats)")
+    p.add_argument("--sweep-steps", type=int, default=None, help="timed steps per repeat in the sweeps")
+    p.add_argument("--sweep-repeats", type=int, default=None, help="repeats in the sweeps")
     p.add_argument("--no-crossover", action="store_true", help="skip the dense-vs-sparse sweep")
     p.add_argument("--no-scaling", action="store_true", help="skip the scaling sweeps and figure")
     p.add_argument("--no-eval-cache", action="store_true",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from harness import bench_cli, report_cli, workflow_cli
 
@@ -24,6 +25,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         PluginError,
         UnknownMethodError,
     )
+    from harness.check import PreflightError
     from harness.config import ConfigError
     from harness.data.jsonl import DataError
     from harness.modeling import ModelSourceError
@@ -46,6 +48,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ResultExists,
         DataError,
         TrainingDiverged,
+        PreflightError,
     )
 
 
@@ -101,9 +104,20 @@ def cmd_budget(args: argparse.Namespace) -> int:
     from harness.report import budget_frame, budget_table_text, verified_budget
     from harness.study import plan_from_file
 
-    _, plan = plan_from_file(args.config)
+    config, plan = plan_from_file(args.config)
     verified_budget(plan)
     frame = budget_frame(plan)
+    if args.memory:
+        from harness.memory import markdown, memory_table_for_study
+        from harness.modeling import planning_model
+
+        model_config = None if config["model"].get("config_json") else planning_model(config["model"]).config
+        memory = memory_table_for_study(config, plan, model_config=model_config)
+        if args.json:
+            print(json.dumps(memory.to_dict(orient="records"), indent=2, default=str))
+        else:
+            print(markdown(memory))
+        return 0
     if args.json:
         print(json.dumps(frame.to_dict(orient="records"), indent=2, default=str))
     else:
@@ -117,6 +131,39 @@ def cmd_budget(args: argparse.Namespace) -> int:
         )
         print(f"error: parameter count check failed: {details}", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Every check the Snakefile runs before any job; exit 0 only when the study can run."""
+    from harness.check import run_checks
+    from harness.config import load_config
+
+    checks, _ = run_checks(load_config(args.config))
+    for c in checks:
+        print(f"{'ok ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
+    failed = [c for c in checks if not c.ok]
+    print(f"{args.config}: " + ("ready to run" if not failed else f"{len(failed)} check(s) failed"))
+    return 0 if not failed else 2
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Every run and component: done / missing / interrupted / failed / corrupt / stale /
+    no weights, with the command that fixes it."""
+    from harness.status import study_status
+    from harness.study import plan_from_file
+
+    _, plan = plan_from_file(args.config)
+    states = study_status(plan, args.config)
+    width = max((len(s.run_id) for s in states), default=10)
+    counts: dict[str, int] = {}
+    for st in states:
+        counts[st.state] = counts.get(st.state, 0) + 1
+        if args.all or st.state != "done":
+            print(f"{st.run_id:<{width}}  {st.state:<16}  {st.detail}")
+            if st.fix:
+                print(f"{'':<{width}}  {'':<16}  fix: {st.fix}")
+    print(", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
     return 0
 
 
@@ -137,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m harness",
         description="Benchmark and ablation harness for mixture-of-LoRA-experts fine-tuning.",
     )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("methods", help="list registered methods with their hyperparameters")
@@ -148,7 +196,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("budget", help="parameter budget of every run a config defines (no weights)")
     p.add_argument("--config", required=True, metavar="FILE", help="study config (YAML)")
     p.add_argument("--json", action="store_true", help="print JSON records instead of a table")
+    p.add_argument(
+        "--memory",
+        action="store_true",
+        help="estimated peak GPU memory of every run (weights, adapter and optimizer state, "
+        "activations; formula in harness/memory.py) and which GPU sizes fit it",
+    )
     p.set_defaults(func=cmd_budget)
+
+    p = sub.add_parser(
+        "check",
+        help="every check the Snakefile runs before any job (config, plugins, budget, data "
+        "files, lm-eval task names, model, lengths); exit 0 only when the study can run",
+    )
+    p.add_argument("--config", required=True, metavar="FILE", help="study config (YAML)")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser(
+        "status",
+        help="where every run stands (done, missing, interrupted, failed, corrupt, stale, no "
+        "weights) and the command that fixes it",
+    )
+    p.add_argument("--config", required=True, metavar="FILE", help="study config (YAML)")
+    p.add_argument("--all", action="store_true", help="list finished runs too")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("plan", help="list the run ids a config defines")
     p.add_argument("--config", required=True, metavar="FILE", help="study config (YAML)")
@@ -166,14 +237,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _checkout_warning() -> str | None:
+    """The imported ``harness`` is not the checkout in the working directory (one virtualenv
+    shared by two checkouts): say so, since the code that runs is not the code here."""
+    import harness
+
+    here = Path.cwd() / "harness" / "__init__.py"
+    imported = Path(harness.__file__).resolve()
+    if here.exists() and here.resolve() != imported:
+        return (
+            f"warning: this command runs the harness in {imported.parent.parent}, not the checkout "
+            f"in {Path.cwd()}; install this checkout into the environment (pip install -e .) or "
+            "use a virtualenv per checkout"
+        )
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    warning = _checkout_warning()
+    if warning:
+        print(warning, file=sys.stderr)
     try:
         return int(args.func(args) or 0)
     except _user_errors() as exc:
+        if args.debug:
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyError as exc:  # a run id or name that is not part of the study: one line
+        if args.debug:
+            raise
+        print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into `head`
+        return 0
+    except Exception as exc:
+        if args.debug or not sys.stderr.isatty():
+            raise  # a bug, not bad input: the traceback goes to the job's log
+        print(
+            f"error: {type(exc).__name__}: {exc} (an unexpected error; run again with --debug "
+            "for the traceback, and please report it)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -76,7 +76,8 @@ def compose(
             "out_dir": str(data.parent),
             "cache_dir": first.spec.get("cache_dir") or ".cache",
             "model": first.spec["model"],
-            "data": dict(effective.get("data") or {"source": "generated"}),
+            # the data settings the components were trained with (their content digest aside)
+            "data": {k: v for k, v in (effective.get("data") or {"source": "generated"}).items() if k != "train_content"},
             "budget": {
                 "total_rank": max(1, method_config.to_dict().get("expert_rank", 1)),
                 "active_rank": 1,

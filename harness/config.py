@@ -7,6 +7,7 @@ and is raised before any job starts.
 from __future__ import annotations
 
 import copy
+import difflib
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -52,8 +53,12 @@ def _describe(error, source: str) -> str:
     if error.validator == "additionalProperties":
         allowed = sorted(sub.get("properties", {}))
         extra = sorted(set(value) - set(allowed)) if isinstance(value, dict) else []
+        hints = [
+            f"{key!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(key, allowed, n=1)) else repr(key)
+            for key in extra
+        ]
         return (
-            f"{source}: unknown key(s) {', '.join(map(repr, extra))} in {where}; "
+            f"{source}: unknown key(s) {', '.join(hints)} in {where}; "
             f"allowed keys: {', '.join(allowed)}"
         )
     if error.validator == "required":
@@ -139,8 +144,14 @@ def _check_semantics(config: dict[str, Any], source: str) -> None:
 
 def load_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+    if not path.is_file():
+        folder = path.parent if path.parent.is_dir() else Path("config")
+        found = sorted(p.name for p in folder.glob("*.yaml") if p.name != SCHEMA_PATH.name) if folder.is_dir() else []
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise ConfigError(
+            f"config file {str(path)!r} {what} (working directory {Path.cwd()}); configs in "
+            f"{folder}/: {', '.join(found) or 'none'}"
+        )
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

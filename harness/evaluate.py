@@ -33,6 +33,7 @@ from harness.io import atomic_write_json, atomic_write_text, read_json
 from harness.lm_model import HarnessLM
 from harness.provenance import provenance
 from harness.run_model import write_run_spec
+from harness.status import test_data_digest
 
 SUITE_PREFIX = "moelora"
 SUITE_GROUP = f"{SUITE_PREFIX}_suite"
@@ -44,9 +45,29 @@ def suite_task_names(data_dir: Path) -> tuple[str, list[str]]:
     return summary["group"], list(summary["tasks"])
 
 
-def evaluate_run(config: dict[str, Any], run, run_dir: Path, progress: bool = True) -> dict[str, Any]:
+def item_scores(samples: list[dict[str, Any]]) -> dict[str, str]:
+    """Per-item ``acc`` and ``acc_norm`` of one task as strings of 0/1 in doc order (compact:
+    the bootstrap over test items reads them)."""
+    ordered = sorted(samples, key=lambda s: s["doc_id"])
+    out = {}
+    for metric in ("acc", "acc_norm"):
+        if ordered and metric in ordered[0]:
+            out[metric] = "".join("1" if float(s[metric]) >= 0.5 else "0" for s in ordered)
+    return out
+
+
+#: where the training job leaves the scores it computed right after training; the evaluate
+#: rule moves them into place instead of starting a process to compute them again
+PENDING = {"metrics.json": "metrics.pending.json", "lm_eval_results.json": "lm_eval_results.pending.json"}
+
+
+def evaluate_run(
+    config: dict[str, Any], run, run_dir: Path, progress: bool = True, pending: bool = False
+) -> dict[str, Any]:
     """Score ``run`` with lm-eval and write ``lm_eval_results.json``, ``metrics.json`` and
-    (routed methods) ``routing.json`` into ``run_dir``; returns the metrics."""
+    (routed methods) ``routing.json`` into ``run_dir``; returns the metrics. ``pending``: the
+    training job scoring its run at once writes the first two under :data:`PENDING` names."""
+    names = PENDING if pending else {k: k for k in PENDING}
     wall = time.perf_counter()
     eval_cfg = config["eval"]
     data_dir = Path(config["out_dir"]) / "data"
@@ -79,7 +100,7 @@ def evaluate_run(config: dict[str, Any], run, run_dir: Path, progress: bool = Tr
         tasks=requested,
         task_manager=manager,
         limit=eval_cfg.get("limit"),
-        log_samples=False,
+        log_samples=True,  # per-item scores for the bootstrap; not stored whole (size)
         random_seed=0,
         numpy_random_seed=1234,
         torch_random_seed=1234,
@@ -87,22 +108,30 @@ def evaluate_run(config: dict[str, Any], run, run_dir: Path, progress: bool = Tr
         verbosity="WARNING",
     )
     eval_s = time.perf_counter() - t0
+    samples = results.pop("samples", {})
     atomic_write_text(
-        run_dir / "lm_eval_results.json",
+        run_dir / names["lm_eval_results.json"],
         json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n",
     )
+    summary = read_json(data_dir / "data_summary.json")
+    primary = summary.get("primary_metric") or {}
     short = {name: name.removeprefix(f"{SUITE_PREFIX}_") for name in task_names}
+    columns = {short[n]: n for n in task_names} if group is not None else {n: n for n in extra}
     per_task = {}
-    for name in task_names:
+    for task, name in columns.items():
         r = results["results"][name]
-        per_task[short[name]] = {"acc": r["acc,none"], "acc_stderr": r.get("acc_stderr,none")}
-    if group is None:  # task_names is empty: the eval.tasks are the per-task columns
-        for name in extra:
-            r = results["results"][name]
-            per_task[name] = {"acc": r["acc,none"], "acc_stderr": r.get("acc_stderr,none")}
-        suite = sum(v["acc"] for v in per_task.values()) / len(per_task)
-    else:
-        suite = results["groups"][group]["acc,none"] if group in results.get("groups", {}) else None
+        metric = primary.get(task) or ("acc_norm" if "acc_norm,none" in r else "acc")
+        per_task[task] = {
+            "acc": r["acc,none"],
+            "acc_stderr": r.get("acc_stderr,none"),
+            "acc_norm": r.get("acc_norm,none"),
+            "acc_norm_stderr": r.get("acc_norm_stderr,none"),
+            "primary": metric,
+            "score": r[f"{metric},none"],
+        }
+    # the suite: every task weighs the same, each by its primary metric
+    suite = sum(v["score"] for v in per_task.values()) / len(per_task)
+    items = {task: item_scores(samples.get(name, [])) for task, name in columns.items()}
     extra_scores = {
         name: {k: v for k, v in results["results"][name].items() if isinstance(v, (int, float))}
         for name in extra
@@ -128,9 +157,12 @@ def evaluate_run(config: dict[str, Any], run, run_dir: Path, progress: bool = Tr
         "granularity": run.granularity,
         "seed": run.seed,
         "suite_acc": suite,
+        "suite_metric": "mean over tasks of each task's primary metric (acc or acc_norm)",
+        "test_data": test_data_digest(config),
         "effective_experts": None if routing is None else round(routing.effective_experts(), 4),
         "method_metrics": method_metrics,
         "tasks": per_task,
+        "items": items,
         "extra_tasks": extra_scores,
         "lm_eval_version": lm_eval.__version__,
         "timing": {
@@ -140,5 +172,5 @@ def evaluate_run(config: dict[str, Any], run, run_dir: Path, progress: bool = Tr
         },
         "provenance": provenance(),
     }
-    atomic_write_json(run_dir / "metrics.json", metrics)
+    atomic_write_json(run_dir / names["metrics.json"], metrics)
     return metrics

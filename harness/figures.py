@@ -15,7 +15,10 @@ Figures, written to ``{out_dir}/figures/`` by :func:`write_figures`:
    deviation (ddof = 1); one line per method that sweeps G (the routed methods
    and MultiLoRA); a method trained at one point (e.g. MoA over T task adapters) is a
    single marker at its granularity. Horizontal bands: LoRA rank R and rank K (mean ± std
-   over seeds); dashed line: the untrained base model.
+   over seeds); dashed line: the untrained base model. Below, for routed methods: the
+   effective number of experts at evaluation (``exp`` of the entropy of the expert
+   distribution, mean over modules, mean ± std over seeds) against G, with the line
+   "every expert used alike" (= G), so a collapsed sweep is visible at a glance.
 2. ``params_vs_acc``: activated adapter parameters (log axis) against suite
    accuracy (%), one point per run; the Pareto front is the step line through the
    runs that no run with at most as many activated parameters beats: run ``i`` is
@@ -35,6 +38,12 @@ Figures, written to ``{out_dir}/figures/`` by :func:`write_figures`:
 5. ``training_curves``: training loss vs step, the mean over seeds (smoothed by
    a centred moving average over ``max(1, steps // 25)`` steps), one line per
    method at its finest granularity plus the two LoRA references.
+6. ``expert_sharing``: per routed method, how much two tasks share experts (the histogram
+   intersection of their expert distributions at evaluation, mean over modules and task
+   pairs; :mod:`harness.sharing`) against G, within a task family (solid) and across
+   families (dashed), mean ± std over seeds.
+7. ``expert_heatmap``: per routed method at its finest G (first seed), each task's share of
+   every expert in one representative module (the median module by task overlap).
 """
 
 from __future__ import annotations
@@ -64,6 +73,7 @@ from harness.results import (
     row_label,
     variant_key,
 )
+from harness.sharing import representative_module, sharing_frame
 
 if TYPE_CHECKING:
     from harness.study import StudyPlan
@@ -81,7 +91,15 @@ __all__ = [
     "write_figures",
 ]
 
-FIGURE_NAMES = ("granularity", "params_vs_acc", "task_heatmap", "expert_load", "training_curves")
+FIGURE_NAMES = (
+    "granularity",
+    "params_vs_acc",
+    "task_heatmap",
+    "expert_load",
+    "training_curves",
+    "expert_sharing",
+    "expert_heatmap",
+)
 FORMATS = ("png", "pdf")
 
 #: Okabe–Ito colours (colour-blind safe); greyscale relies on markers and line styles
@@ -204,8 +222,13 @@ def fig_granularity(results: StudyResults) -> Figure:
     stats = _suite_by_key(results)
     styles = method_styles(plan)
     budget = plan.config["budget"]
-    fig = Figure(figsize=(6.0, 4.0))
-    ax = fig.subplots()
+    eff = results.runs.groupby("key")["effective_experts"].agg(["mean", "std"])
+    routed = any(np.isfinite(v) for v in eff["mean"].to_numpy(dtype=float))
+    fig = Figure(figsize=(6.0, 6.4 if routed else 4.0))
+    if routed:
+        ax, ax_eff = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2.2, 1.0]})
+    else:
+        ax, ax_eff = fig.subplots(), None
     methods = _swept_methods(plan)
     grans: set[int] = set(budget["granularities"])
     # small horizontal offsets (in log2 units) keep overlapping error bars apart
@@ -242,6 +265,14 @@ def fig_granularity(results: StudyResults) -> Figure:
             markeredgewidth=1.4,
             **style,
         )
+        if ax_eff is not None:
+            keys = [variant_key(method, r.variant.tag) for r in sorted(rows, key=lambda r: r.variant.granularity)]
+            points = [(x, eff.loc[k, "mean"], eff.loc[k, "std"]) for x, k in zip(xs, keys)
+                      if k in eff.index and np.isfinite(eff.loc[k, "mean"])]
+            if points:
+                ax_eff.errorbar([p[0] for p in points], [p[1] for p in points],
+                                yerr=[0.0 if pd.isna(p[2]) else p[2] for p in points],
+                                capsize=2, markersize=5, linewidth=1.2, markerfacecolor="white", **style)
     _band(
         ax,
         stats,
@@ -280,14 +311,30 @@ def fig_granularity(results: StudyResults) -> Figure:
     ax.minorticks_off()
     if ticks:
         ax.set_xlim(ticks[0] / 2**0.35, ticks[-1] * 2**0.35)
-    ax.set_xlabel(
+    xlabel = (
         f"number of experts G (log2 scale; total rank R = {budget['total_rank']}, "
         f"activated rank K = {budget['active_rank']} fixed)"
     )
+    if ax_eff is not None:
+        ax_eff.plot(ticks, ticks, color="0.6", linestyle=":", linewidth=1.0, label="every expert used alike (= G)")
+        ax_eff.set_yscale("log", base=2)
+        levels = [2**j for j in range(int(math.log2(max(ticks))) + 2)]
+        ax_eff.set_yticks(levels)
+        ax_eff.set_yticklabels([str(v) for v in levels])
+        ax_eff.minorticks_off()
+        ax_eff.set_ylabel("effective experts\n(exp entropy, eval)")
+        ax_eff.set_xlabel(xlabel)
+        ax_eff.legend(loc="upper left", frameon=False, fontsize=7)
+    else:
+        ax.set_xlabel(xlabel)
     ax.set_ylabel("suite accuracy (%), mean ± std over seeds")
     n_seeds = len(plan.config["train"]["seeds"])
     ax.set_title(f"{plan.config['study']}: granularity vs accuracy ({n_seeds} seed(s) per point)")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=2, frameon=False)
+    if ax_eff is not None:
+        fig.legend(*ax.get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.02),
+                   ncol=2, frameon=False)
+    else:
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=2, frameon=False)
     return fig
 
 
@@ -622,6 +669,89 @@ def fig_training_curves(results: StudyResults) -> Figure:
     return fig
 
 
+# -- 6. where the experts go -------------------------------------------------------------------
+
+
+def fig_expert_sharing(results: StudyResults) -> Figure:
+    """Per routed method: the mean overlap of two tasks' expert distributions (histogram
+    intersection, averaged over modules and task pairs; :mod:`harness.sharing`) against G,
+    within a task family (solid) and across families (dashed); mean ± std over seeds."""
+    plan = results.plan
+    styles = method_styles(plan)
+    frame = sharing_frame(results)
+    fig = Figure(figsize=(6.0, 4.0))
+    ax = fig.subplots()
+    if frame.empty:
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no routed run recorded its experts: nothing to show", ha="center", va="center")
+        return fig
+    with_families = frame["within"].notna().any()
+    columns = (("within", "-", "within a family"), ("across", "--", "across families")) if with_families \
+        else (("all_pairs", "-", "all task pairs"),)
+    for method, group in frame.groupby("method", sort=False):
+        stats = group.groupby("granularity")[[c for c, _, _ in columns]].agg(["mean", "std"])
+        xs = list(stats.index)
+        for column, linestyle, words in columns:
+            ax.errorbar(xs, stats[(column, "mean")], yerr=stats[(column, "std")].fillna(0.0), capsize=2,
+                        color=styles[method]["color"], marker=styles[method]["marker"], linestyle=linestyle,
+                        markerfacecolor="white", linewidth=1.3, label=f"{_name(method)}, {words}")
+    ax.set_xscale("log", base=2)
+    ticks = sorted(frame["granularity"].unique())
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([str(t) for t in ticks])
+    ax.minorticks_off()
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("number of experts G (log2 scale)")
+    ax.set_ylabel("expert overlap of two tasks\n(histogram intersection; 1 = the same experts)")
+    ax.set_title(f"{plan.config['study']}: expert sharing within and across task families")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=2, frameon=False, fontsize=7)
+    return fig
+
+
+def fig_expert_heatmap(results: StudyResults) -> Figure:
+    """Per routed method at its finest granularity (first seed), the share of each expert
+    (columns) in each task's scored sequences (rows), in one representative module (the
+    one whose task overlap is the median over modules; named in the panel title)."""
+    plan = results.plan
+    panels = []
+    for method, g, tag in _routed_finest(plan):
+        runs = results.runs[(results.runs["key"] == variant_key(method, tag))].sort_values("seed")
+        routing = next((results.routing[r] for r in runs["run_id"] if r in results.routing), None)
+        if routing:
+            panels.append((method, g, routing))
+    if not panels:
+        fig = Figure(figsize=(5.0, 2.0))
+        ax = fig.subplots()
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no routed run recorded its experts: nothing to show", ha="center", va="center")
+        return fig
+    cols = min(len(panels), 2)
+    rows = math.ceil(len(panels) / cols)
+    fig = Figure(figsize=(5.2 * cols, 2.6 * rows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    families = results.families or {}
+    for ax, (method, g, routing) in zip(axes, panels):
+        module = representative_module(routing)
+        by_task = routing["shares"][module]
+        tasks = [t for t in results.tasks if t in by_task]
+        matrix = np.asarray([by_task[t] for t in tasks]) * 100
+        image = ax.imshow(matrix, cmap="Greys", vmin=0, vmax=max(1.0, float(matrix.max())), aspect="auto")
+        ax.set_yticks(range(len(tasks)))
+        ax.set_yticklabels([f"{t} ({families[t]})" if t in families else t for t in tasks], fontsize=7)
+        n_experts = matrix.shape[1]
+        step = max(1, math.ceil(n_experts / 12))
+        ax.set_xticks(range(0, n_experts, step))
+        ax.set_xlabel("expert")
+        short = module.replace("model.layers.", "layer ")
+        ax.set_title(f"{_name(method)}, G = {g}: {short}", fontsize=8)
+        ax.grid(False)
+        fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02).set_label("share of the task's routing (%)", fontsize=7)
+    for ax in axes[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(f"{plan.config['study']}: which experts each task uses (evaluation, first seed)")
+    return fig
+
+
 # -- writing -----------------------------------------------------------------------------------
 
 
@@ -631,6 +761,8 @@ _BUILDERS = {
     "task_heatmap": fig_task_heatmap,
     "expert_load": fig_expert_load,
     "training_curves": fig_training_curves,
+    "expert_sharing": fig_expert_sharing,
+    "expert_heatmap": fig_expert_heatmap,
 }
 
 

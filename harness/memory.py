@@ -564,7 +564,8 @@ def memory_table_for_study(config: Mapping[str, Any], plan: Any, model_config: A
     first = min((_layer_index(s.name) for s in shapes), default=0)
     settings = {
         "batch_size": config["train"]["batch_size"],
-        "seq_len": config["train"]["max_length"],
+        # max_length: auto -> the longest item; unknown before tokenising, so a generous bound
+        "seq_len": config["train"]["max_length"] if isinstance(config["train"]["max_length"], int) else 512,
         "dtype": config["model"]["dtype"],
         "gradient_checkpointing": bool(config["train"].get("gradient_checkpointing", False)),
         "module_shapes": shapes,

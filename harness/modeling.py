@@ -234,13 +234,23 @@ def _local_or_cached(source: str) -> Path:
         ) from None
 
 
-def load_base_model(source: ModelSource, dtype: torch.dtype = torch.float32):
-    """``(model, tokenizer)`` in eval mode, all parameters frozen."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(source: ModelSource):
+    """The base model's tokenizer (padding with the end-of-text token when it has none)."""
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source.path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(source: ModelSource, dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)`` in eval mode, all parameters frozen."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
+
+    tokenizer = load_tokenizer(source)
+    transformers_logging.disable_progress_bar()  # a bar per load is noise in every job's log
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype)
     model.eval()
     model.requires_grad_(False)

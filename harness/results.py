@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,8 +46,9 @@ class StudyResults:
 
     ``runs``: one row per run (``run_id, key, method, variant, granularity, seed,
     suite_acc, metric:<name>... (a method's scalar evaluation metrics, e.g. a router's
-    accuracy), acc:<task>..., total, activated, router, train_s, eval_s, final_loss``),
-    accuracies as fractions in [0, 1]. ``curves``: one row per logged training step
+    accuracy), effective_experts, acc:<task>... (each task's primary metric: acc or
+    acc_norm), total, activated, router, train_s, eval_s, final_loss``), accuracies as
+    fractions in [0, 1]. ``curves``: one row per logged training step
     (``run_id, key, method, variant, granularity, seed, step, loss``). ``loads``: the last
     logged expert load of each routed run, one row per (run, layer, expert)
     (``..., step, layer, expert, share, order``; ``order`` is the expert's position when
@@ -62,6 +63,16 @@ class StudyResults:
     loads: pd.DataFrame
     metrics: dict[str, dict[str, Any]]
     train: dict[str, dict[str, Any]]
+    #: seconds the one-time lower-layer cache builds took (whichever jobs did them), not
+    #: counted in any run's training time
+    cache_build_s: float = 0.0
+    #: per-task shares of the answer-free baselines from the data step: ``majority`` (always
+    #: the most common label) and ``chance`` (a uniformly random choice)
+    baselines: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: run id -> its ``routing.json`` (routed runs: each task's expert shares per module)
+    routing: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: task -> its family, when the data names families (the generated suite does)
+    families: dict[str, str] | None = None
 
     @property
     def keys(self) -> list[str]:
@@ -166,12 +177,28 @@ def _raise_missing(plan: StudyPlan, missing: list[tuple[str, str]]) -> None:
     )
 
 
+def task_score(value: dict[str, Any]) -> float | None:
+    """A task's reported score: its primary metric (``score``; results written before the
+    primary metric existed report ``acc``)."""
+    return value.get("score", value.get("acc"))
+
+
 def suite_score(metrics: dict[str, Any]) -> float:
+    """``suite_acc`` (the mean over tasks of each task's primary metric); where none was
+    recorded, the unweighted mean of the task scores."""
     suite = metrics.get("suite_acc")
     if suite is not None:
         return float(suite)
-    accs = [v["acc"] for v in metrics.get("tasks", {}).values() if v.get("acc") is not None]
-    return float(np.mean(accs)) if accs else math.nan
+    scores = [task_score(v) for v in metrics.get("tasks", {}).values()]
+    scores = [s for s in scores if s is not None]
+    return float(np.mean(scores)) if scores else math.nan
+
+
+def train_seconds(train: dict[str, Any]) -> float:
+    """A run's training wall time without the one-time lower-layer cache build it may have
+    done for the whole study (``timing.train_s``; older results: ``wall_s``)."""
+    timing = train.get("timing") or {}
+    return timing.get("train_s", timing.get("wall_s", math.nan))
 
 
 def component_seconds(plan: StudyPlan, run) -> float:
@@ -183,7 +210,7 @@ def component_seconds(plan: StudyPlan, run) -> float:
         path = plan.out_dir / component / "train.json"
         if not path.exists():
             return math.nan
-        total += (_read_json_named(path).get("timing") or {}).get("wall_s", math.nan)
+        total += train_seconds(_read_json_named(path))
     return total
 
 
@@ -197,7 +224,7 @@ def collect_results(plan: StudyPlan, logs: bool = False) -> StudyResults:
     if missing:
         _raise_missing(plan, missing)
     rows, curves, loads = [], [], []
-    all_metrics, all_train = {}, {}
+    all_metrics, all_train, all_routing = {}, {}, {}
     tasks: list[str] = []
     for run in plan.runs:
         run_dir = plan.run_dir(run)
@@ -208,6 +235,8 @@ def collect_results(plan: StudyPlan, logs: bool = False) -> StudyResults:
                 f"{run.run_id!r}: the folder was copied or renamed; rerun its evaluation"
             )
         all_metrics[run.run_id] = metrics
+        if (run_dir / "routing.json").exists():
+            all_routing[run.run_id] = _read_json_named(run_dir / "routing.json")
         for task in metrics.get("tasks", {}):
             if task not in tasks:
                 tasks.append(task)
@@ -227,11 +256,13 @@ def collect_results(plan: StudyPlan, logs: bool = False) -> StudyResults:
                 for name, value in (metrics.get("method_metrics") or {}).items()
                 if isinstance(value, (int, float)) or value is None
             },
-            **{f"acc:{t}": v.get("acc") for t, v in metrics.get("tasks", {}).items()},
+            "effective_experts": metrics.get("effective_experts"),
+            **{f"acc:{t}": task_score(v) for t, v in metrics.get("tasks", {}).items()},
             "total": None,  # the base model has no adapter
             "activated": None,
             "router": None,
             "train_s": math.nan,
+            "cache_build_s": 0.0,
             "eval_s": (metrics.get("timing") or {}).get("wall_s", math.nan),
             "final_loss": math.nan,
         }
@@ -244,8 +275,8 @@ def collect_results(plan: StudyPlan, logs: bool = False) -> StudyResults:
                     "total": params.get("total"),
                     "activated": params.get("activated"),
                     "router": params.get("router"),
-                    "train_s": (train.get("timing") or {}).get("wall_s", math.nan)
-                    + component_seconds(plan, run),
+                    "train_s": train_seconds(train) + component_seconds(plan, run),
+                    "cache_build_s": (train.get("timing") or {}).get("cache_build_s", 0.0),
                     "final_loss": train.get("final_loss", math.nan),
                 }
             )
@@ -272,13 +303,18 @@ def collect_results(plan: StudyPlan, logs: bool = False) -> StudyResults:
                             )
         rows.append(row)
     runs = pd.DataFrame.from_records(rows)
-    for col in ("total", "activated", "router"):
+    for col in ("total", "activated", "router", "effective_experts"):
         runs[col] = pd.to_numeric(runs[col])
     curve_cols = ["run_id", "key", "method", "variant", "granularity", "seed", "step", "loss"]
     curves_df = pd.DataFrame.from_records(curves, columns=curve_cols)
     if len(curves_df):
         curves_df = curves_df.drop_duplicates(["run_id", "step"], keep="last")
     load_cols = [*curve_cols[:6], "step", "layer", "expert", "share", "order"]
+    builds = float(runs["cache_build_s"].fillna(0).sum()) if "cache_build_s" in runs else 0.0
+    for component in plan.components:
+        path = plan.run_dir(component) / "train.json"
+        if path.exists():
+            builds += (_read_json_named(path).get("timing") or {}).get("cache_build_s", 0.0)
     return StudyResults(
         plan=plan,
         runs=runs,
@@ -287,6 +323,28 @@ def collect_results(plan: StudyPlan, logs: bool = False) -> StudyResults:
         loads=pd.DataFrame.from_records(loads, columns=load_cols),
         metrics=all_metrics,
         train=all_train,
+        cache_build_s=builds,
+        baselines=_baselines(plan),
+        routing=all_routing,
+        families=_families(plan),
     )
+
+
+def _families(plan: StudyPlan) -> dict[str, str] | None:
+    path = plan.out_dir / "data" / "data_summary.json"
+    if not path.exists():
+        return None
+    return _read_json_named(path).get("families") or None
+
+
+def _baselines(plan: StudyPlan) -> dict[str, dict[str, float]]:
+    path = plan.out_dir / "data" / "data_summary.json"
+    if not path.exists():
+        return {}
+    summary = _read_json_named(path)
+    return {
+        "majority": summary.get("majority_share") or {},
+        "chance": summary.get("chance") or {},
+    }
 
 

@@ -126,9 +126,10 @@ def load_run_model(run_dir: str | Path, device: str = "auto") -> LoadedRun:
         weights = run_dir / "adapter" / "adapter.safetensors"
         if not weights.exists():
             raise MissingWeightsError(
-                f"{weights} is missing: weights are never committed. Restore them (retrains "
-                "the run deterministically and checks it against its train.json) with: "
-                f"python -m harness restore --run {run_dir}"
+                f"{weights} is missing (weights are never committed). Restore them first: "
+                f"python -m harness restore --config <the config of study {spec.get('study')!r}> "
+                f"--run {run_dir} (retrains the run deterministically and checks it against its "
+                "stored log; or let snakemake do it: it restores missing weights a job needs)"
             )
         method = get_method(spec["method"])
         config = method.make_config(**spec["method_config"])

@@ -93,6 +93,8 @@ class LowerCache:
         self.flat = flat
         self.offsets = offsets
         self.start = start
+        #: whether the job that holds it built it (True) or loaded another job's (False)
+        self.built_here = False
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -185,7 +187,10 @@ def cached_lower(
     path = cache_dir / f"lower-{key}.safetensors"
     with FileLock(str(path) + ".lock"):
         if path.exists():
-            return LowerCache.load(path)
+            cache = LowerCache.load(path)
+            cache.built_here = False
+            return cache
         cache = LowerCache.build(model, sequences, start, pad_id, desc=desc)
         cache.save(path)
+        cache.built_here = True  # this job paid the one-time build (reported on its own)
         return cache

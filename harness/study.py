@@ -19,6 +19,7 @@ from typing import Any
 from harness.adapters import Component, PlanContext, TargetShape, get_method, load_plugin
 from harness.budget import BudgetRequest, BudgetRow, solve_study
 from harness.config import load_config, method_entries
+from harness.data.tasks import content_digest, task_digests, training_items
 
 #: settings that change where or how fast things run, not what is computed (device and
 #: thread count can still move the last bits of floating-point results)
@@ -179,18 +180,24 @@ def load_methods(config: dict[str, Any]):
     return out
 
 
-def component_run(config: dict[str, Any], component: Component, seed: int) -> Run:
+def component_run(
+    config: dict[str, Any], component: Component, seed: int, digests: dict[str, str] | None = None
+) -> Run:
     """The job that trains ``component`` for ``seed``: its folder name hashes the base model,
-    the data settings (not the task selection), the training settings (not the step count
-    when the component sets its own), its method, identity, seed and steps."""
+    the data settings (not the task selection) and the content of the training items it
+    reads (its own tasks' only), the training settings (not the step count when the
+    component sets its own), its method, identity, seed and steps."""
     common = effective_common(config)
     train = dict(common["train"])
     if component.steps is not None:
         train.pop("steps", None)  # replaced by the component's own step count
+    data = {k: v for k, v in common["data"].items() if k != "tasks"}
+    if digests is not None:
+        data["train_content"] = content_digest(digests, component.tasks)
     effective = _drop_unset(
         {
             "model": common["model"],
-            "data": {k: v for k, v in common["data"].items() if k != "tasks"},
+            "data": data,
             "train": train,
             "method": component.method,
             **component.identity,
@@ -213,6 +220,14 @@ def component_run(config: dict[str, Any], component: Component, seed: int) -> Ru
     )
 
 
+def training_digests(config: dict[str, Any]) -> dict[str, str] | None:
+    """Per task, a digest of its training items (``None`` for lm-eval sources, whose items
+    are known only after the data step: their config is hashed instead)."""
+    if config["data"]["source"] == "lm_eval":
+        return None
+    return task_digests(training_items(config["data"]))
+
+
 def plan_study(config: dict[str, Any], shapes: list[TargetShape] | None = None) -> StudyPlan:
     """Solve the budget and expand seeds; infeasible budgets and unknown methods fail here."""
     methods = load_methods(config)
@@ -220,7 +235,10 @@ def plan_study(config: dict[str, Any], shapes: list[TargetShape] | None = None) 
     request = BudgetRequest.from_config(config["budget"])
     rows = solve_study(request, methods, shapes)
     plan = StudyPlan(config=config, shapes=shapes, rows=rows)
+    digests = training_digests(config)
     common = effective_common(config)
+    if digests is not None:  # what the runs read, not only where it comes from
+        common["data"] = {**common["data"], "train_content": content_digest(digests)}
     known: set[str] = set()
     for row in rows:
         for seed in config["train"]["seeds"]:
@@ -232,7 +250,7 @@ def plan_study(config: dict[str, Any], shapes: list[TargetShape] | None = None) 
                 "seed": seed,
             }
             parts = [
-                component_run(config, c, seed)
+                component_run(config, c, seed, digests)
                 for c in get_method(row.method).components(row.config, seed)
             ]
             if parts:

@@ -49,8 +49,11 @@ class Example:
     task: str
 
 
-def build_examples(tokenizer, items: list[dict[str, Any]], max_length: int) -> tuple[list[Example], int]:
-    """Tokenised training examples (prompt + answer), and how many were left-truncated."""
+def build_examples(
+    tokenizer, items: list[dict[str, Any]], max_length: int | str
+) -> tuple[list[Example], int]:
+    """Tokenised training examples (prompt + answer), and how many were left-truncated
+    (``max_length: auto``: none, every example is as long as it is)."""
     from harness.data.prompts import training_texts
     from harness.tokenize import encode_pair
 
@@ -58,6 +61,11 @@ def build_examples(tokenizer, items: list[dict[str, Any]], max_length: int) -> t
     for item in items:
         context, answer = encode_pair(tokenizer, *training_texts(item))
         ids = context + answer
+        if max_length == "auto":
+            examples.append(
+                Example(ids, [len(context) - 1 + j for j in range(len(answer))], answer, item.get("task", "all"))
+            )
+            continue
         if len(ids) > max_length:
             cut = len(ids) - max_length
             if cut >= len(context):
@@ -193,7 +201,8 @@ def _save_checkpoint(
 
 
 def _load_checkpoint(directory: Path, handle: AdapterHandle, optimizer, scheduler) -> int:
-    state = torch.load(directory / "state.pt", weights_only=False)
+    # onto the CPU first: the optimizer moves its state to its parameters' device itself
+    state = torch.load(directory / "state.pt", weights_only=False, map_location="cpu")
     handle.load_state(state["adapter"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -248,9 +257,21 @@ def routing_state(handle: AdapterHandle, batch):
 
 
 def answer_loss(
-    model, handle: AdapterHandle, batch, start: int | None, autocast, set_routing: bool = True
+    model,
+    handle: AdapterHandle,
+    batch,
+    start: int | None,
+    autocast,
+    set_routing: bool = True,
+    per_example: bool = True,
 ) -> torch.Tensor:
     """Cross-entropy on the answer token(s); ``start`` is the cached split (None: full depth).
+
+    ``per_example`` (``train.loss: per_example``, the default): the mean over each item's
+    answer tokens, then over the items, ``L = (1/B) sum_i (1/n_i) sum_j CE_ij``, so every
+    item weighs the same whatever its answer's length; otherwise (``per_token``) every
+    answer token weighs the same, ``L = sum_ij CE_ij / sum_i n_i`` (long answers weigh
+    more). With one-token answers both are the same number.
 
     ``set_routing=False``: the caller already holds :func:`routing_state` (the training
     loop does, over the backward pass too: gradient checkpointing reruns the forward of
@@ -265,11 +286,18 @@ def answer_loss(
         else:
             hidden = upper_forward(model, inputs, mask, start)
         logits = logits_at(model, hidden, rows, cols)
-    return F.cross_entropy(logits.float(), targets)
+    if not per_example:
+        return F.cross_entropy(logits.float(), targets)
+    per_token = F.cross_entropy(logits.float(), targets, reduction="none")
+    counts = torch.zeros(inputs.shape[0], dtype=per_token.dtype, device=per_token.device)
+    counts = counts.index_add_(0, rows, torch.ones_like(per_token))
+    items = (counts > 0).sum()
+    return (per_token / counts[rows]).sum() / items
 
 
 def optimizer_step(
-    model, handle, optimizer, scheduler, batch, start, autocast, labels, max_grad_norm, diverged
+    model, handle, optimizer, scheduler, batch, start, autocast, labels, max_grad_norm, diverged,
+    per_example: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
     """One optimizer step of a run: task loss + the method's auxiliary loss, backward,
     clipping, AdamW, scheduler and the method's per-step hook; ``(loss, aux, grad_norm)``.
@@ -279,7 +307,7 @@ def optimizer_step(
     non-finite loss raises ``diverged(value)`` before anything is updated.
     """
     with handle.task_labels(labels), routing_state(handle, batch):
-        loss = answer_loss(model, handle, batch, start, autocast, set_routing=False)
+        loss = answer_loss(model, handle, batch, start, autocast, set_routing=False, per_example=per_example)
         aux = handle.aux_loss()
         total = loss if aux is None else loss + aux
         if not torch.isfinite(total):
@@ -439,6 +467,7 @@ def train_loop(config: dict[str, Any], run, run_dir: Path, setup: RunSetup, opti
             loss, aux, grad_norm = optimizer_step(
                 base.model, handle, optimizer, scheduler, batch, base.split_start if setup.cache is not None else None,
                 autocast, labels, train_cfg["max_grad_norm"], diverged,
+                per_example=train_cfg.get("loss", "per_example") == "per_example",
             )
             dt = time.perf_counter() - t0
             loss_value = float(loss.detach())
@@ -502,10 +531,18 @@ def run_summary(run, run_dir: Path, setup: RunSetup, state: LoopState, train_cfg
             "enabled": setup.cache is not None,
             "split_layer": setup.base.split_start if setup.cache is not None else None,
             "seconds": round(setup.cache_seconds, 3),
+            # the one-time build (shared by every run of the study) is not this run's training
+            "built_here": bool(setup.cache is not None and setup.cache.built_here),
         },
         "resumed_from_step": state.resumed_from,
         "timing": {
             "wall_s": round(time.perf_counter() - wall_start, 3),
+            # wall time without a one-time cache build this job happened to do for the study
+            "train_s": round(time.perf_counter() - wall_start - (
+                setup.cache_seconds if setup.cache is not None and setup.cache.built_here else 0.0
+            ), 3),
+            "cache_build_s": round(setup.cache_seconds, 3)
+            if setup.cache is not None and setup.cache.built_here else 0.0,
             "train_loop_s": round(sum(steps), 3),
             "median_step_s": round(statistics.median(steps), 4) if steps else None,
         },
@@ -546,3 +583,46 @@ def train_run(
 
 
 __all__ = ["TrainingDiverged", "prepare_run", "train_run"]
+
+
+def restore_weights(config: dict[str, Any], run, run_dir: Path, progress: bool = False) -> dict[str, Any]:
+    """Rebuild the weights of a finished run (or component) whose ``adapter/`` is missing:
+    retrain it from its run.json in a scratch folder (same config, seed and batch order),
+    compare every logged loss with the stored ``train_log.jsonl``, install the weights and
+    write ``restore.json`` (the comparison and provenance). ``train.json`` and the stored
+    log are left as they are. On the machine that trained the run the losses are identical;
+    elsewhere, top-k routing can turn ulp-level drift into different choices, which
+    ``restore.json`` reports as such."""
+    from harness.provenance import provenance
+
+    stored_log = run_dir / "train_log.jsonl"
+    if not (run_dir / "train.json").exists() or not stored_log.exists():
+        raise FileNotFoundError(
+            f"{run_dir}: not a finished run (train.json or train_log.jsonl is missing): train it "
+            "with `python -m harness train`"
+        )
+    if (run_dir / "adapter" / "adapter.safetensors").exists():
+        return {"run_id": run.run_id, "restored": False, "reason": "weights already present"}
+    scratch = run_dir / ".restore"
+    shutil.rmtree(scratch, ignore_errors=True)
+    summary = train_run(config, run, scratch, progress=progress)
+    stored = [json.loads(line)["loss"] for line in stored_log.read_text().splitlines() if line.strip()]
+    again = [json.loads(line)["loss"] for line in (scratch / "train_log.jsonl").read_text().splitlines() if line.strip()]
+    diffs = [abs(a - b) for a, b in zip(stored, again)]
+    record = {
+        "run_id": run.run_id,
+        "restored": True,
+        "steps_compared": len(diffs),
+        "steps_stored": len(stored),
+        "identical_losses": len(stored) == len(again) and max(diffs, default=0.0) == 0.0,
+        "max_abs_loss_diff": max(diffs, default=0.0),
+        "stored_final_loss": json.loads((run_dir / "train.json").read_text()).get("final_loss"),
+        "restored_final_loss": summary["final_loss"],
+        "provenance": provenance(),
+    }
+    target = run_dir / "adapter"
+    shutil.rmtree(target, ignore_errors=True)
+    (scratch / "adapter").replace(target)
+    shutil.rmtree(scratch, ignore_errors=True)
+    atomic_write_json(run_dir / "restore.json", record)
+    return record

@@ -27,7 +27,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from harness.train import train_run
 
     config, plan = plan_from_file(args.config)
-    run = plan.run(args.run)
+    run = plan.run(run_id_of(args.run))
     if run.is_base:
         print(f"{run.run_id} is the untrained base model: nothing to train", file=sys.stderr)
         return 2
@@ -42,6 +42,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{run.run_id}: {summary['examples']} examples, {summary['steps']} steps, final loss "
         f"{summary['final_loss']:.4f}, {summary['timing']['wall_s']:.1f} s"
     )
+    if args.evaluate and not run.is_component and not (run_dir / "metrics.json").exists():
+        from harness.evaluate import evaluate_run
+
+        metrics = evaluate_run(config, run, run_dir, progress=not args.quiet, pending=True)
+        print(f"{run.run_id}: scored at once, suite acc {metrics['suite_acc']:.4f} (metrics.pending.json)")
     return 0
 
 
@@ -49,11 +54,53 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from harness.evaluate import evaluate_run
 
     config, plan = plan_from_file(args.config)
-    run = plan.run(args.run)
+    run = plan.run(run_id_of(args.run))
+    if run.is_component:
+        print(f"{run.run_id} is a component (trained for the runs built on it), not scored on its own",
+              file=sys.stderr)
+        return 2
     refuse_to_overwrite(plan.run_dir(run) / "metrics.json", "evaluated")
     metrics = evaluate_run(config, run, plan.run_dir(run), progress=not args.quiet)
     print(f"{run.run_id}: suite acc {metrics['suite_acc']:.4f}")
     return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    """Restore the weights of a finished run (and of the components it is built on)."""
+    from harness.run_model import write_run_spec
+    from harness.train import restore_weights
+
+    config, plan = plan_from_file(args.config)
+    run = plan.run(run_id_of(args.run))
+    if run.is_base:
+        print(f"{run.run_id} is the untrained base model: it has no weights", file=sys.stderr)
+        return 2
+    for path in run.components:
+        part = plan.run(path.rpartition("/")[2])
+        if not (plan.run_dir(part) / "adapter" / "adapter.safetensors").exists():
+            write_run_spec(config, part, plan.run_dir(part))
+            record = restore_weights(config, part, plan.run_dir(part), progress=not args.quiet)
+            print(_restored_words(part.run_id, record))
+    record = restore_weights(config, run, plan.run_dir(run), progress=not args.quiet)
+    print(_restored_words(run.run_id, record))
+    return 0
+
+
+def _restored_words(run_id: str, record: dict) -> str:
+    if not record["restored"]:
+        return f"{run_id}: {record['reason']}"
+    same = (
+        "identical losses at every step"
+        if record["identical_losses"]
+        else f"losses differ from the stored run by up to {record['max_abs_loss_diff']:.3g} (another "
+        "machine's kernels or library versions; see restore.json)"
+    )
+    return f"{run_id}: weights restored ({record['steps_compared']} steps retrained, {same})"
+
+
+def run_id_of(value: str) -> str:
+    """A run id, also when a run folder (``.../runs/<id>`` or ``.../<group>/<id>``) is given."""
+    return Path(value.rstrip("/")).name if ("/" in value or Path(value).is_dir()) else value
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
@@ -100,18 +147,38 @@ def add_commands(sub) -> None:
     p.add_argument(
         "--run",
         required=True,
-        metavar="ID",
-        help="run id or component name, as `python -m harness plan --config FILE` lists them",
+        metavar="ID_OR_FOLDER",
+        help="run id or component name (or its folder), as `python -m harness plan --config FILE` "
+        "lists them",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="also score the run with lm-eval right away, in this process, into "
+        "metrics.pending.json (the evaluate rule then only moves it into place: one process "
+        "start per run instead of two)",
+    )
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="score one run (or the base model) with lm-eval")
     p.add_argument("--config", required=True, metavar="FILE", help="study config (YAML)")
-    p.add_argument("--run", required=True, metavar="ID", help="run id, as `python -m harness plan` lists them")
+    p.add_argument("--run", required=True, metavar="ID_OR_FOLDER",
+                   help="run id (or its folder), as `python -m harness plan --config FILE` lists them")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "restore",
+        help="rebuild the weights of a finished run (they are never committed): retrain it "
+        "deterministically and check the losses against its stored log",
+    )
+    p.add_argument("--config", required=True, metavar="FILE", help="study config (YAML)")
+    p.add_argument("--run", required=True, metavar="ID_OR_FOLDER",
+                   help="run id (or its folder), as `python -m harness plan --config FILE` lists them")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("summary", help="one row per run with the suite's mean score (CSV, Markdown)")
     p.add_argument("--config", required=True, metavar="FILE", help="study config (YAML)")

@@ -4,7 +4,9 @@
 
 The adapter is inserted by ``peft.inject_adapter_in_model`` with a
 ``peft.LoraConfig`` (no dropout, no bias), i.e. peft's own ``lora.Linear``
-layers, not a reimplementation. A study always runs two references: rank ``R``
+layers, not a reimplementation. Its parameters are kept in float32 whatever the base
+model's dtype (``inject_adapter_in_model`` would create them in bf16 on a bf16 model,
+unlike every other method here); bf16 compute comes from autocast. A study always runs two references: rank ``R``
 (the same total parameters as every mixture) and rank ``K`` (the same
 activated parameters as the sparse mixtures).
 """
@@ -72,3 +74,7 @@ class LoRA(Method):
         inject_adapter_in_model(peft_lora_config(config, targets), model)
         for name, param in model.named_parameters():
             param.requires_grad_("lora_" in name)
+            if "lora_" in name and param.is_floating_point():
+                # peft creates the adapter in the base layer's dtype (bf16 on a bf16 model);
+                # every method trains float32 adapters (bf16 compute comes from autocast)
+                param.data = param.data.float()

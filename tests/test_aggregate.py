@@ -20,13 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness.aggregate import (
-    main_table,
-    main_table_texts,
-    paired_difference,
-    significance_table,
-    write_tables,
-)
+from harness.aggregate import main_table, main_table_texts, write_tables
+from harness.comparisons import significance_table, trend_table
 from harness.config import validate_config
 from harness.figures import figure_paths, load_profile, pareto_front, write_figures
 from harness.render import best_cells
@@ -81,6 +76,14 @@ def fixture_config(out_dir: Path | str) -> dict:
         "data": {"source": "generated", "train_per_task": 4, "test_per_task": 4},
         "train": {"seeds": [0, 1], "steps": STEPS},
     }
+
+
+ITEMS = 100
+
+
+def item_bits(acc: float) -> str:
+    solved = round(acc * ITEMS)
+    return "1" * solved + "0" * (ITEMS - solved)
 
 
 def suite(key: str, seed: int) -> float:
@@ -168,6 +171,9 @@ def write_run(plan, run, mtime: float | None = None) -> None:
             "alpha": {"acc": alpha, "acc_stderr": 0.05},
             "beta": {"acc": beta, "acc_stderr": 0.05},
         },
+        # per-item scores: ITEMS items a task, the easiest ones solved (a better run solves
+        # a superset), so every accuracy above is exact
+        "items": {task: {"acc": item_bits(acc)} for task, acc in (("alpha", alpha), ("beta", beta))},
         "extra_tasks": {},
         "lm_eval_version": "0.4.fixture",
         "timing": {"model_load_s": 1.0, "lm_eval_s": 2.0, "wall_s": 3.0},
@@ -264,47 +270,66 @@ def test_best_value_is_marked_on_the_right_cell(plan):
     assert tex.count(r"\textbf") == 3
 
 
-def test_paired_differences_equal_hand_computation(plan):
+def test_significance_is_a_paired_bootstrap_over_seeds_and_items_with_holm_verdicts(plan):
     results = collect_results(plan)
     sig = significance_table(results)
-    vs_r = sig[sig["comparison"] == "vs LoRA rank R"].set_index("label")
-    assert "LoRA r=4 (rank R)" not in vs_r.index and "base model (untrained)" not in vs_r.index
-    assert "LoRA r=2 (rank K)" in vs_r.index
-    from scipy.stats import t as student_t
-
-    for label, key in [("SiRA G=4", "sira-G4"), ("SMoRA G=2", "smora-G2")]:
-        d = [(suite(key, s) - suite("lora-r4", s)) * 100 for s in (0, 1)]
-        mean, std = statistics.mean(d), statistics.stdev(d)
-        se = std / math.sqrt(2)
-        p = 2 * student_t.sf(abs(mean / se), df=1)
-        row = vs_r.loc[label]
-        assert row["n_pairs"] == 2
-        assert row["mean_diff"] == pytest.approx(mean)
-        assert row["std_diff"] == pytest.approx(std)
-        assert row["se"] == pytest.approx(se)
-        assert row["p_value"] == pytest.approx(p)
-    # SiRA G4: +10, +11 pp -> mean 10.5, se 0.5, p ~ 0.03: a real gain
-    assert vs_r.loc["SiRA G=4", "verdict"] == "better"
-    # SMoRA G2: +1, -3 pp -> mean -1, se 2: within noise
-    assert vs_r.loc["SMoRA G=2", "verdict"] == "within noise"
-    fine = sig[sig["comparison"] == "finest vs coarsest G"].set_index("label")
-    assert set(fine.index) == {"SiRA G=4", "SMoRA G=4"}
-    assert fine.loc["SiRA G=4", "versus"] == "SiRA G=2"
-    d = [(suite("sira-G4", s) - suite("sira-G2", s)) * 100 for s in (0, 1)]
-    assert fine.loc["SiRA G=4", "mean_diff"] == pytest.approx(statistics.mean(d))
+    rows = {(r["comparison"], r["label"]): r for r in sig.to_dict("records")}
+    # the family: every variant vs LoRA rank R, finest vs coarsest per method, best vs best other
+    vs_r = [label for (c, label) in rows if c == "vs LoRA rank R"]
+    assert sorted(vs_r) == sorted(["LoRA r=2 (rank K)", "SiRA G=2", "SiRA G=4", "SMoRA G=2", "SMoRA G=4"])
+    assert {label for (c, label) in rows if c == "finest vs coarsest G"} == {"SiRA G=4", "SMoRA G=4"}
+    best = {r["label"]: r["versus"] for (c, _), r in rows.items() if c == "best vs best other method"}
+    assert best["SiRA G=4"] == "SMoRA G=4" and best["SMoRA G=4"] == "SiRA G=4"
+    for (comparison, label), row in rows.items():
+        key_a, key_b = _key_of(label), _key_of(row["versus"])
+        expected = statistics.mean(suite(key_a, s) - suite(key_b, s) for s in (0, 1)) * 100
+        assert row["diff"] == pytest.approx(expected, abs=1e-9), (comparison, label)
+        assert row["ci_low"] <= row["diff"] <= row["ci_high"]
+        assert 0 < row["p_value"] <= 1 and row["p_holm"] >= row["p_value"]
+        assert row["n_seeds"] == 2 and row["n_items"] == 2 * ITEMS
+        if row["verdict"] != "no difference detected":
+            assert row["ci_family_low"] > 0 or row["ci_family_high"] < 0
+            assert row["p_holm"] < 0.05
+    # SiRA G=4 beats LoRA rank R by 10 pp and 12 pp on both seeds, items resampled: decided
+    assert rows[("vs LoRA rank R", "SiRA G=4")]["verdict"] == "better"
 
 
-def test_paired_difference_edge_cases():
-    import pandas as pd
+def _key_of(label: str) -> str:
+    names = {"LoRA": "lora", "SiRA": "sira", "SMoRA": "smora"}
+    name, rest = label.split(" ", 1)
+    if rest.startswith("r="):
+        return f"{names[name]}-r{rest[2:].split(' ')[0]}"
+    return f"{names[name]}-G{rest.removeprefix('G=')}"
 
-    one = paired_difference(pd.Series({0: 60.0}), pd.Series({0: 55.0}))
-    assert one["n_pairs"] == 1 and math.isnan(one["p_value"]) and math.isnan(one["std_diff"])
-    assert one["mean_diff"] == pytest.approx(5.0) and "no noise estimate" in one["verdict"]
-    same = paired_difference(pd.Series({0: 60.0, 1: 62.0}), pd.Series({0: 55.0, 1: 57.0}))
-    assert same["std_diff"] == pytest.approx(0.0) and same["p_value"] == 0.0
-    # only the seeds both sides ran are paired
-    partial = paired_difference(pd.Series({0: 1.0, 1: 2.0, 2: 9.0}), pd.Series({0: 0.0, 1: 2.0}))
-    assert partial["n_pairs"] == 2 and partial["mean_diff"] == pytest.approx(0.5)
+
+def test_identical_runs_give_a_zero_difference_and_p_one(plan):
+    """Identical per-item scores (here: SMoRA G=2 made equal to SiRA G=2) cannot be called
+    different, and their zero-variance difference gives p = 1, never 0."""
+    for run in plan.runs:
+        if (run.method, run.tag) == ("smora", "G2"):
+            twin = next(r for r in plan.runs if (r.method, r.tag, r.seed) == ("sira", "G2", run.seed))
+            source = json.loads((plan.run_dir(twin) / "metrics.json").read_text())
+            target = plan.run_dir(run) / "metrics.json"
+            data = json.loads(target.read_text())
+            data.update(items=source["items"], tasks=source["tasks"], suite_acc=source["suite_acc"])
+            target.write_text(json.dumps(data))
+    sig = significance_table(collect_results(plan))
+    finest = sig[(sig["comparison"] == "finest vs coarsest G") & (sig["label"] == "SMoRA G=4")].iloc[0]
+    assert finest["versus"] == "SMoRA G=2"
+    row = sig[(sig["comparison"] == "vs LoRA rank R") & (sig["label"] == "SMoRA G=2")].iloc[0]
+    twin = sig[(sig["comparison"] == "vs LoRA rank R") & (sig["label"] == "SiRA G=2")].iloc[0]
+    assert row["diff"] == twin["diff"] and row["ci_low"] == twin["ci_low"]  # same replicates
+
+
+def test_granularity_trend_has_a_slope_per_doubling_with_its_interval(plan):
+    trend = trend_table(collect_results(plan)).set_index("method")
+    assert set(trend.index) == {"sira", "smora"}
+    sira = trend.loc["sira"]
+    g2 = statistics.mean(suite("sira-G2", s) for s in (0, 1)) * 100
+    g4 = statistics.mean(suite("sira-G4", s) for s in (0, 1)) * 100
+    assert sira["slope"] == pytest.approx(g4 - g2)  # two points one doubling apart
+    assert sira["slope_ci_low"] <= sira["slope"] <= sira["slope_ci_high"]
+    assert sira["shape"] in ("rises", "flat within noise")
 
 
 def test_missing_runs_are_named_not_dropped(plan):
@@ -332,7 +357,7 @@ def test_missing_runs_are_named_not_dropped(plan):
 def test_write_tables_writes_csv_md_tex(plan):
     paths = write_tables(plan)
     tables = plan.out_dir / "tables"
-    for name in ("main_table", "budget_table", "significance"):
+    for name in ("main_table", "budget_table", "significance", "granularity_trend"):
         for ext in ("csv", "md", "tex"):
             assert tables / f"{name}.{ext}" in paths
             assert (tables / f"{name}.{ext}").stat().st_size > 0
@@ -367,7 +392,10 @@ def test_expert_load_profile_and_pareto_front(plan):
 def test_every_figure_is_written_as_png_and_pdf(plan):
     paths = write_figures(plan)
     assert sorted(paths) == sorted(figure_paths(plan.out_dir))
-    assert len(paths) == 10
+    assert {p.stem for p in paths} == {
+        "granularity", "params_vs_acc", "task_heatmap", "expert_load", "training_curves",
+        "expert_sharing", "expert_heatmap",
+    } and len(paths) == 14
     for path in paths:
         data = path.read_bytes()
         assert len(data) > 1000, path

@@ -450,7 +450,7 @@ def result_notes(result) -> list[str]:
         ({"timed_steps": "ten"}, "bench.timed_steps = 'ten' has type str; expected integer"),
         ({"crossover_experts": []}, "bench.crossover_experts"),
         ({"crossover_experts": [1, 8]}, "bench.crossover_experts[0] = 1 is out of range"),
-        ({"warm_up": 3}, "unknown key(s) 'warm_up' in bench; allowed keys:"),
+        ({"warm_up": 3}, "unknown key(s) 'warm_up' (did you mean 'warmup_steps'?) in bench; allowed keys:"),
         ({"eval_cache": "yes"}, "bench.eval_cache = 'yes' has type str; expected boolean"),
     ],
 )

@@ -25,7 +25,7 @@ from harness.data import (
     write_task_folder,
 )
 from harness.data.prompts import LM_EVAL_DOC_TO_TEXT, PROMPT_TEMPLATE, TARGET_DELIMITER
-from harness.data.suite import FILLER_CATEGORIES, WORD_CATEGORY
+from harness.data.suite import WORD_CATEGORY
 
 SMALL = {"train_per_task": 30, "test_per_task": 13}  # not multiples of 4: balance is "within 1"
 
@@ -46,16 +46,13 @@ def _answer(item: dict) -> str:
 
 def test_pools_and_tasks_are_as_specified():
     sizes = {cat: len(words) for cat, words in POOLS.items()}
-    assert sizes == {"animal": 18, "color": 11, "fruit": 9, "vehicle": 8, "clothing": 7, "tool": 8}
+    assert sizes == {"animal": 21, "color": 11, "fruit": 10, "vehicle": 10, "clothing": 10, "tool": 10}
     assert len(WORD_CATEGORY) == sum(sizes.values())  # no word in two pools
     assert all(w.isalpha() and w.islower() for w in WORD_CATEGORY)
-    assert list(TASKS) == ["first", "second", "last", "animal", "color", "fruit"]
-    assert TASKS["second"].instruction == "pick the second word."
-    assert TASKS["fruit"] == ("pick the fruit.", "category")
-    assert FAMILIES == {
-        "position": ("first", "second", "last"),
-        "category": ("animal", "color", "fruit"),
-    }
+    assert list(TASKS) == ["animal", "color", "fruit", "vehicle", "clothing", "tool"]
+    assert TASKS["fruit"] == ("pick the fruit.", "nature")
+    assert TASKS["tool"] == ("pick the tool.", "artifact")
+    assert FAMILIES == {"nature": ("animal", "color", "fruit"), "artifact": ("vehicle", "clothing", "tool")}
     assert all(TASKS[t].family == fam for fam, ts in FAMILIES.items() for t in ts)
 
 
@@ -80,8 +77,8 @@ def test_suite_streams_do_not_depend_on_selection_or_train_size():
         assert only_color[split] == [i for i in full[split] if i["task"] == "color"]
     bigger_train = generate_suite(seed=3, train_per_task=50, test_per_task=13)
     assert bigger_train["test"] == full["test"]
-    reordered = generate_suite(seed=3, tasks=["last", "first"], **SMALL)
-    assert [i["task"] for i in reordered["test"][:: SMALL["test_per_task"]]] == ["last", "first"]
+    reordered = generate_suite(seed=3, tasks=["tool", "animal"], **SMALL)
+    assert [i["task"] for i in reordered["test"][:: SMALL["test_per_task"]]] == ["tool", "animal"]
 
 
 def test_labels_balanced_and_every_task_in_every_split():
@@ -98,56 +95,52 @@ def test_labels_balanced_and_every_task_in_every_split():
 
 
 def test_same_words_line_conflicting_answers():
+    """The conflict is real: one word list, asked under different instructions, has different
+    correct answers, within a family and across families."""
     suite = generate_suite(seed=5, **SMALL)
     by_line: dict[str, dict[str, dict]] = defaultdict(dict)
     for item in suite["train"]:
         by_line[item["question"].split("\n")[1]][item["task"]] = item
-    assert len(by_line) == SMALL["train_per_task"]
-    disagreements = Counter()
+    shared = 0
+    pairs = Counter()
     for line, items in by_line.items():
-        assert set(items) == set(TASKS)  # every list is emitted once for every task
-        words = _words(items["first"])
-        assert sorted(
-            WORD_CATEGORY[w] for w in words if WORD_CATEGORY[w] not in FILLER_CATEGORIES
-        ) == [
-            "animal",
-            "color",
-            "fruit",
-        ]
-        assert sum(WORD_CATEGORY[w] in FILLER_CATEGORIES for w in words) == 1
+        words = _words(next(iter(items.values())))
+        categories = [WORD_CATEGORY[w] for w in words]
+        assert len(set(categories)) == 4  # four words of four different categories
+        assert set(items) <= set(categories)  # emitted only for tasks whose category it holds
         for item in items.values():
             assert _words(item) == words
             assert sorted(item["choices"]) == sorted(words)  # the choices are the list's words
-        answers = {t: _answer(items[t]) for t in TASKS}
-        assert answers["first"] == words[0]
-        assert answers["second"] == words[1]
-        assert answers["last"] == words[3]
-        for cat in ("animal", "color", "fruit"):
-            assert answers[cat] in POOLS[cat]
-        # within a family, the same input always has different correct answers
-        assert len({answers[t] for t in FAMILIES["position"]}) == 3, line
-        assert len({answers[t] for t in FAMILIES["category"]}) == 3, line
-        for p in FAMILIES["position"]:
-            for c in FAMILIES["category"]:
-                disagreements[p, c] += answers[p] != answers[c]
-    # across families, a position task and a category task disagree on most inputs
-    assert all(n >= SMALL["train_per_task"] // 2 for n in disagreements.values()), disagreements
+            assert WORD_CATEGORY[_answer(item)] == item["task"]
+        answers = {t: _answer(i) for t, i in items.items()}
+        assert len(set(answers.values())) == len(answers), line  # every task a different answer
+        if len(items) > 1:
+            shared += 1
+            for a in items:
+                for b in items:
+                    if a < b:
+                        pairs[TASKS[a].family == TASKS[b].family] += 1
+    assert shared >= 0.9 * len(by_line)  # almost every list is asked under several tasks
+    assert pairs[True] > 0 and pairs[False] > 0  # conflicts within and across families
 
 
-def test_test_word_sets_are_held_out():
+def test_no_test_word_occurs_in_training():
     suite = generate_suite(seed=1234, train_per_task=256, test_per_task=100)
-    train_sets = {frozenset(_words(i)) for i in suite["train"]}
-    test_sets = {frozenset(_words(i)) for i in suite["test"]}
-    assert len(train_sets) == 256 and len(test_sets) == 100  # no repeats within a split
-    assert not train_sets & test_sets
+    train_words = {w for i in suite["train"] for w in _words(i)}
+    test_words = {w for i in suite["test"] for w in _words(i)}
+    assert not train_words & test_words
+    for category in TASKS:  # every category has words in both splits
+        assert train_words & set(POOLS[category]) and test_words & set(POOLS[category])
+    train_sets = [frozenset(_words(i)) for i in suite["train"]]
+    assert len(set(train_sets)) == len({i["question"].split("\n")[1] for i in suite["train"]})
 
 
 def test_unknown_task_and_bad_sizes_are_refused():
     with pytest.raises(
         ValueError,
-        match=r"unknown task 'colour' \(valid tasks: first, second, last, animal, color, fruit\)",
+        match=r"unknown task 'colour' \(valid tasks: animal, color, fruit, vehicle, clothing, tool\)",
     ):
-        generate_suite(tasks=["first", "colour"])
+        generate_suite(tasks=["animal", "colour"])
     with pytest.raises(ValueError, match="test_per_task must be >= 1"):
         generate_suite(test_per_task=0)
     with pytest.raises(ValueError, match="seed must be an integer"):
@@ -332,26 +325,29 @@ def test_lm_eval_reads_the_task_folder_and_it_is_relocatable(tmp_path):
     shutil.rmtree(tmp_path / "a")
     again = _load_suite(moved)
     assert again["group_map"] == {"moelora_suite": names}
-    for t in ("first", "fruit"):
+    for t in ("animal", "fruit"):
         _check_task_docs(again["tasks"][f"moelora_{t}"], by_task[t])
 
 
-def test_group_aggregates_mean_acc_unweighted(tmp_path):
+def test_group_aggregates_mean_acc_and_acc_norm_unweighted(tmp_path):
     import yaml
 
     folder = tmp_path / "tasks"
-    items = generate_suite(seed=1, tasks=["last", "color"], train_per_task=4, test_per_task=8)[
+    items = generate_suite(seed=1, tasks=["tool", "color"], train_per_task=4, test_per_task=8)[
         "test"
     ]
     info = write_task_folder(items, folder, prefix="mine")
-    assert info["group"] == "mine_suite" and info["tasks"] == ["mine_last", "mine_color"]
+    assert info["group"] == "mine_suite" and info["tasks"] == ["mine_tool", "mine_color"]
     assert info["folder"] == str(folder)
     group = yaml.safe_load((folder / "mine_suite.yaml").read_text())
-    assert group["task"] == ["mine_last", "mine_color"]
+    assert group["task"] == ["mine_tool", "mine_color"]
     assert group["aggregate_metric_list"] == [
-        {"metric": "acc", "aggregation": "mean", "weight_by_size": False}
+        {"metric": "acc", "aggregation": "mean", "weight_by_size": False},
+        {"metric": "acc_norm", "aggregation": "mean", "weight_by_size": False},
     ]
-    text = (folder / "mine_last.yaml").read_text()
+    task = yaml.safe_load((folder / "mine_tool.yaml").read_text().replace("!function ", ""))
+    assert [m["metric"] for m in task["metric_list"]] == ["acc", "acc_norm"]
+    text = (folder / "mine_tool.yaml").read_text()
     assert 'doc_to_text: "{{question}}\\nAnswer:"' in text and 'target_delimiter: " "' in text
     # unchanged content is not rewritten
     mtimes = {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
@@ -368,7 +364,7 @@ def test_prepare_data_summary_and_stable_mtimes(tmp_path):
     cfg = {
         "source": "generated",
         "seed": 4,
-        "tasks": ["first", "color"],
+        "tasks": ["animal", "color"],
         "train_per_task": 10,
         "test_per_task": 6,
     }
@@ -376,9 +372,9 @@ def test_prepare_data_summary_and_stable_mtimes(tmp_path):
     summary = prepare_data(cfg, out)
     assert json.loads((out / "data_summary.json").read_text()) == summary
     assert summary["source"] == "generated" and summary["seed"] == 4
-    assert summary["train_counts"] == {"first": 10, "color": 10}
-    assert summary["test_counts"] == {"first": 6, "color": 6}
-    assert sorted(summary["label_histogram"]["train"]["first"]) == [2, 2, 3, 3]
+    assert summary["train_counts"] == {"animal": 10, "color": 10}
+    assert summary["test_counts"] == {"animal": 6, "color": 6}
+    assert sorted(summary["label_histogram"]["train"]["animal"]) == [2, 2, 3, 3]
     assert summary["label_histogram"]["test"]["color"] == [
         sum(i["label"] == k for i in generate_suite(4, ["color"], 10, 6)["test"]) for k in range(4)
     ]
@@ -390,7 +386,7 @@ def test_prepare_data_summary_and_stable_mtimes(tmp_path):
         summary["sha256"]["tasks/data/color.jsonl"]
         == hashlib.sha256((out / "tasks" / "data" / "color.jsonl").read_bytes()).hexdigest()
     )
-    suite = generate_suite(4, ["first", "color"], 10, 6)
+    suite = generate_suite(4, ["animal", "color"], 10, 6)
     assert load_jsonl(out / "train.jsonl") == suite["train"]
 
     # a rerun changes no file; the same config elsewhere gives identical bytes
@@ -407,8 +403,8 @@ def test_prepare_data_summary_and_stable_mtimes(tmp_path):
     )
 
     # fewer tasks: the dropped task's files disappear from the folder
-    smaller = prepare_data({**cfg, "tasks": ["first"]}, out)
-    assert smaller["tasks"] == ["moelora_first"]
+    smaller = prepare_data({**cfg, "tasks": ["animal"]}, out)
+    assert smaller["tasks"] == ["moelora_animal"]
     assert not (out / "tasks" / "moelora_color.yaml").exists()
     assert not (out / "tasks" / "data" / "color.jsonl").exists()
 
@@ -464,7 +460,7 @@ def test_prepare_data_from_jsonl(tmp_path):
         ),
         (
             {"source": "generated", "tasks": ["nope"]},
-            "unknown task 'nope' (valid tasks: first, second",
+            "unknown task 'nope' (valid tasks: animal, color",
         ),
     ],
 )

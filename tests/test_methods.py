@@ -366,3 +366,34 @@ def test_expert_load_is_a_distribution_over_experts():
         load = handle.expert_load()["linear"]
         assert len(load) == config.num_experts
         assert math.isclose(sum(load), 1.0, abs_tol=1e-5)
+
+
+def test_smora_bias_rate_keeps_the_papers_drift_per_run_and_the_paper_form_is_selectable():
+    from harness.adapters import PlanContext
+    from methods.smora import PAPER_RATE, PAPER_STEPS, scaled_rate
+
+    smora = get_method("smora")
+    # exactly the paper's 1e-5 at the paper setting (and when the steps are known only later)
+    assert scaled_rate(PAPER_STEPS) == PAPER_RATE == 1e-5
+    assert smora.prepare_options({}, PlanContext(tasks=None, steps=None))["bias_update_rate"] == 1e-5
+    # the same total drift (rate x steps) at any run length
+    for steps in (120, 160, 1000):
+        rate = smora.prepare_options({}, PlanContext(tasks=None, steps=steps))["bias_update_rate"]
+        assert rate * steps == pytest.approx(PAPER_RATE * PAPER_STEPS)
+    # the paper's form, or any rate, when asked for
+    assert smora.prepare_options({"bias_update_rate": 1e-5}, PlanContext(None, 160))["bias_update_rate"] == 1e-5
+
+
+def test_smora_bias_rate_reaches_the_run_config_through_the_plan(tmp_path):
+    from harness.config import validate_config
+    from harness.study import plan_study
+    from tests.conftest import TINY_STUDY_MODEL
+
+    config = validate_config({
+        "study": "s", "out_dir": str(tmp_path), "model": TINY_STUDY_MODEL,
+        "data": {"source": "generated", "train_per_task": 8, "test_per_task": 4},
+        "budget": {"total_rank": 4, "active_rank": 2, "granularities": [4]},
+        "methods": ["smora"], "train": {"steps": 100},
+    })
+    (run,) = plan_study(config).trained_runs
+    assert run.method_config["bias_update_rate"] == pytest.approx(1e-5 * 27_669 / 100)

@@ -35,7 +35,7 @@ from tests.conftest import TINY_STUDY_MODEL as TINY
 
 ROOT = Path(__file__).resolve().parent.parent
 
-TASKS = ["first", "animal", "last"]
+TASKS = ["color", "animal", "tool"]
 TRAIN_PER_TASK = 8
 TEST_PER_TASK = 4
 # the 7 projections of one decoder layer (hidden 32, intermediate 64, 2 kv heads of dim 8)
@@ -349,14 +349,14 @@ def test_composing_without_an_adapter_keeps_every_adapter_bit_identical(study, t
 
     stage_one = study.plan.out_dir / "task_adapters"
     before = digest(stage_one)
-    kept = [adapter_dir(study, t) for t in ("first", "last")]
-    out = tmp_path / "moa-first-last"
+    kept = [adapter_dir(study, t) for t in ("color", "tool")]
+    out = tmp_path / "moa-color-tool"
     summary = compose("moa", kept, out, {"router_steps": 3}, seed=0, progress=False)
     assert digest(stage_one) == before
-    assert summary["steps"] == 3 and summary["example_tasks"] == {"first": 8, "last": 8}
+    assert summary["steps"] == 3 and summary["example_tasks"] == {"color": 8, "tool": 8}
     # the new run stores only the routers; the task LoRAs stay in their folders
     spec = json.loads((out / "run.json").read_text())
-    assert spec["method_config"]["tasks"] == ["first", "last"]
+    assert spec["method_config"]["tasks"] == ["color", "tool"]
     assert [Path(c).name for c in spec["components"]] == [k.name for k in kept]
     stored = load_file(str(out / "adapter" / "adapter.safetensors"))
     assert stored and all(".router." in k for k in stored)
@@ -410,22 +410,22 @@ def test_dropping_or_adding_a_task_reruns_only_stage_two_in_the_dag(study):
 
     names = {a.tasks[0]: a.run_id for a in study.plan.components}
     # drop `animal` (total_rank 6 -> 4 keeps the per-task rank 2): same adapter folders
-    fewer = study_dict(study.folder, total_rank=4, moa={"name": "moa", "options": {"tasks": ["first", "last"]}})
+    fewer = study_dict(study.folder, total_rank=4, moa={"name": "moa", "options": {"tasks": ["color", "tool"]}})
     fewer_path = write_config(study.folder / "fewer.yaml", fewer)
     fewer_plan = plan_study(load_config(fewer_path))
-    assert [a.run_id for a in fewer_plan.components] == [names["first"], names["last"]]
+    assert [a.run_id for a in fewer_plan.components] == [names["color"], names["tool"]]
     (fewer_run,) = fewer_plan.trained_runs
     assert fewer_run.tag == "T2" and fewer_run.run_id != study.run.run_id
-    # add `second` (total_rank 6 -> 8): one new stage-one job, the other three are reused
+    # add `fruit` (total_rank 6 -> 8): one new stage-one job, the other three are reused
     more = study_dict(study.folder, total_rank=8)
-    more["data"]["tasks"] = [*TASKS, "second"]
+    more["data"]["tasks"] = [*TASKS, "fruit"]
     # same per-task steps as before (the default follows the number of tasks in the data)
     more["methods"] = [{"name": "moa", "options": {"task_steps": 2}}]
     more_path = write_config(study.folder / "more.yaml", more)
     more_plan = plan_study(load_config(more_path))
     assert [a.run_id for a in more_plan.components][:3] == [names[t] for t in TASKS]
     new = more_plan.components[3]
-    assert new.tasks == ["second"] and new.run_id not in names.values()
+    assert new.tasks == ["fruit"] and new.run_id not in names.values()
 
     # two dry runs side by side (each spends ~10 s of CPU importing and planning)
     (dropped, dropped_text), (added, added_text) = _dry_runs([fewer_path, more_path], study.folder)
@@ -516,8 +516,8 @@ def test_bad_moa_options_name_the_option(tmp_path):
     from harness.config import load_config
     from harness.study import plan_study
 
-    bad = study_dict(tmp_path, moa={"name": "moa", "options": {"tasks": ["first", "nope"]}})
-    with pytest.raises(OptionError, match=r"moa option tasks = \['first', 'nope'\]: \['nope'\] not in the training data"):
+    bad = study_dict(tmp_path, moa={"name": "moa", "options": {"tasks": ["color", "nope"]}})
+    with pytest.raises(OptionError, match=r"moa option tasks = \['color', 'nope'\]: \['nope'\] not in the training data"):
         plan_study(load_config(write_config(tmp_path / "a.yaml", bad)))
     moa = get_method("moa")
     with pytest.raises(ValueError, match="moa option level = 'layer'; valid: sequence, token"):
@@ -559,29 +559,29 @@ def test_compose_refuses_incompatible_folders_naming_folder_and_field(study, tmp
     from harness.adapters import ComponentError
     from harness.compose import compose
 
-    odd = _copy(study, "last", tmp_path, "odd")
+    odd = _copy(study, "tool", tmp_path, "odd")
     edit(odd)
     with pytest.raises(ComponentError, match=rf"{re.escape(str(odd.resolve()))}: field '{field}'"):
-        compose("moa", [adapter_dir(study, "first"), odd], tmp_path / "out", progress=False)
+        compose("moa", [adapter_dir(study, "color"), odd], tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
 
 def test_compose_refuses_duplicates_missing_files_and_non_lora_folders(study, tmp_path, capsys):
     from harness.cli import main
 
-    first = adapter_dir(study, "first")
-    twin = _copy(study, "first", tmp_path, "twin")
+    first = adapter_dir(study, "color")
+    twin = _copy(study, "color", tmp_path, "twin")
     code = main(["compose", "--method", "moa", "--components", str(first), str(twin), "--out", str(tmp_path / "o1"), "--quiet"])
     err = capsys.readouterr().err
-    assert code == 2 and f"{twin}: field 'task' is 'first', the same as {first}" in err
+    assert code == 2 and f"{twin}: field 'task' is 'color', the same as {first}" in err
 
-    broken = _copy(study, "last", tmp_path, "broken")
+    broken = _copy(study, "tool", tmp_path, "broken")
     (broken / "adapter" / "adapter.safetensors").unlink()
     code = main(["compose", "--method", "moa", "--components", str(first), str(broken), "--out", str(tmp_path / "o2")])
     err = capsys.readouterr().err
     assert code == 2 and "adapter/adapter.safetensors is missing" in err and str(broken) in err
 
-    other = _copy(study, "last", tmp_path, "other")
+    other = _copy(study, "tool", tmp_path, "other")
     _edit(other / "adapter" / "adapter.json", lambda a: a.update(method="smora"))
     code = main(["compose", "--method", "moa", "--components", str(first), str(other), "--out", str(tmp_path / "o3")])
     err = capsys.readouterr().err
@@ -602,7 +602,7 @@ def test_run_loading_refuses_adapters_in_the_wrong_order(study):
     spec["components"] = spec["components"][::-1]
     spec_path.write_text(json.dumps(spec))
     try:
-        with pytest.raises(ComponentError, match=r"field 'task' is \"last\", but this model's block 0 needs \"first\""):
+        with pytest.raises(ComponentError, match=r"field 'task' is \"tool\", but this model's block 0 needs \"color\""):
             load_run_model(study.run_dir, device="cpu")
     finally:
         spec_path.write_text(original)
@@ -629,7 +629,7 @@ def test_router_accuracy_and_both_stages_time_in_metrics_summary_and_main_table(
     assert table.loc["moa", "metric:router_accuracy"] == pytest.approx(100 * acc)
     # the training time shown is both stages': the task adapters' jobs plus the router's
     wall = [
-        json.loads((folder / "train.json").read_text())["timing"]["wall_s"]
+        json.loads((folder / "train.json").read_text())["timing"]["train_s"]
         for folder in [study.run_dir, *(study.plan.out_dir / a.path for a in study.plan.components)]
     ]
     assert table.loc["moa", "train_s"] == pytest.approx(sum(wall))
@@ -684,13 +684,13 @@ def test_router_accuracy_counts_the_adapter_the_router_picks(study):
     )
     method, config = lm.run.handle.method, lm.run.handle.config
     result = method.evaluation_metrics(config, renamed)
-    assert result["router_accuracy_by_task"] == {"first": 1.0, "animal": 0.0, "last": 0.0}
+    assert result["router_accuracy_by_task"] == {"color": 1.0, "animal": 0.0, "tool": 0.0}
     assert result["router_accuracy"] == pytest.approx(1 / 3, abs=1e-6)
     # the labels follow the router's task order; tasks without an adapter (here `animal`,
     # once the router's task list names only two) are left out
-    config.tasks = ["last", "first"]
+    config.tasks = ["tool", "color"]
     result = method.evaluation_metrics(config, renamed)
-    assert result["router_accuracy_by_task"] == {"last": 1.0, "first": 0.0}
+    assert result["router_accuracy_by_task"] == {"tool": 1.0, "color": 0.0}
     assert result["router_accuracy"] == pytest.approx(0.5, abs=1e-6)
     # one expert takes everything: one effective expert
     assert renamed.effective_experts() == pytest.approx(1.0)

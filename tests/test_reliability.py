@@ -132,7 +132,7 @@ def strip_volatile(metrics: dict) -> dict:
         ({"train__batch_size": 0}, ["train.batch_size = 0 is out of range", "valid: >= 1"]),
         (
             {"methods": ["smora", {"name": "sira", "opts": {}}]},
-            ["unknown key(s) 'opts' in methods[1]"],
+            ["unknown key(s) 'opts' (did you mean 'options'?) in methods[1]"],
         ),
     ],
 )
@@ -385,6 +385,8 @@ def test_8_a_killed_run_resumes_from_its_checkpoint_with_identical_results(tmp_p
     target = f"out/runs/{run_id}/metrics.json"
     resumed = snakemake([target, "--cores", "1", "--configfile", str(killed_cfg)], killed_dir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # the resume is said in snakemake's own output, not only in the job's log
+    assert f"resumed {run_id} from step " in resumed.stdout + resumed.stderr
     clean = snakemake([target, "--cores", "1", "--configfile", str(clean_cfg)], clean_dir)
     assert clean.returncode == 0, clean.stderr[-3000:]
 
@@ -528,3 +530,380 @@ def test_12_every_run_folder_holds_what_is_needed_to_rerun_it(two_identical_stud
         assert provenance["versions"]["torch"].startswith("2.13.0")
         assert "commit" in provenance["git"]
         assert run_id in provenance["command"]
+
+
+# == issue 16: what a new user meets =========================================================
+#
+# Each point of the issue, then more mistakes a researcher makes with a study config, a data
+# file, a plugin or the command line; every one is refused with a message that names the
+# file, field or value and what is valid, or handled without losing anything.
+
+
+def cli(args, capsys, monkeypatch, cwd: Path) -> tuple[int, str, str]:
+    """``python -m harness ARGS`` in-process (no interpreter start-up): exit code, out, err."""
+    from harness.cli import main
+
+    monkeypatch.chdir(cwd)
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def jsonl_study(tmp_path: Path, train_items, test_items, **overrides) -> Path:
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    train.write_text("".join(json.dumps(it) + "\n" for it in train_items))
+    test.write_text("".join(json.dumps(it) + "\n" for it in test_items))
+    return study_config(tmp_path, data={"source": "jsonl", "train": str(train), "test": str(test)}, **overrides)
+
+
+def suite_items(tasks=("color", "animal"), n=8):
+    from harness.data.suite import generate_suite
+
+    suite = generate_suite(1, list(tasks), n, 4)
+    return suite["train"], suite["test"]
+
+
+def test_16_1_bad_data_is_refused_before_any_job_by_snakemake_and_by_check(tmp_path, capsys, monkeypatch):
+    train, test = suite_items()
+    train[16 % len(train)] = {k: v for k, v in train[16 % len(train)].items() if k != "label"}
+    bad_line = 16 % len(train) + 1
+    path = jsonl_study(tmp_path, train, test, eval__tasks=["arc_esy"])
+    dry = snakemake(["-n", "--cores", "1", "--configfile", str(path)], tmp_path)
+    assert dry.returncode != 0
+    assert f"train.jsonl:{bad_line}: missing field 'label'" in dry.stdout + dry.stderr
+    assert not (tmp_path / "out").exists()  # no job started, nothing written
+    code, out, _ = cli(["check", "--config", path], capsys, monkeypatch, tmp_path)
+    assert code == 2
+    assert f"FAIL data: {tmp_path / 'train.jsonl'}:{bad_line}: missing field 'label'" in out
+    # the registry check gives a "did you mean" for a typo in eval.tasks
+    assert "FAIL lm-eval tasks: eval.tasks: lm-eval knows no task 'arc_esy' (did you mean arc_easy" in out
+    assert "ok  model: tiny-random" in out
+    assert out.rstrip().endswith("2 check(s) failed")
+    # the budget command reads the data too (run ids hash it): the same message, no traceback
+    code, _, err = cli(["budget", "--config", path], capsys, monkeypatch, tmp_path)
+    assert code == 2 and f"train.jsonl:{bad_line}: missing field 'label'" in err and "Traceback" not in err
+
+
+def test_16_1_a_study_that_can_run_passes_every_check(tmp_path, capsys, monkeypatch):
+    code, out, _ = cli(["check", "--config", study_config(tmp_path)], capsys, monkeypatch, tmp_path)
+    assert code == 0, out
+    for name in ("config", "data", "out_dir", "methods and budget", "batches", "model", "lengths"):
+        assert f"ok  {name}: " in out
+    assert out.rstrip().endswith("ready to run")
+
+
+def test_16_2_a_plugin_with_its_own_bug_is_named_through_the_cli(tmp_path):
+    (tmp_path / "buggy_plugin.py").write_text("CONFIG = {}\nRANK = CONFIG['rank']\n")
+    result = harness(["budget", "--config", str(study_config(tmp_path, plugins=["buggy_plugin"]))],
+                     tmp_path, tmp_path)
+    assert result.returncode == 2
+    assert "plugin 'buggy_plugin' raised KeyError: 'rank'" in result.stderr
+    assert "buggy_plugin.py:2 (RANK = CONFIG['rank'])" in result.stderr
+    assert "installed" not in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def trained_tiny(tmp_path, capsys, monkeypatch):
+    """A one-run study trained in-process: ``(config path, run id)``."""
+    path = study_config(tmp_path, train__steps=4, train__checkpoint_every=0)
+    (run_id,) = run_ids(path, tmp_path)
+    for args in (["data", "--config", path], ["train", "--config", path, "--run", run_id, "--quiet"]):
+        code, _, err = cli(args, capsys, monkeypatch, tmp_path)
+        assert code == 0, err
+    return path, run_id
+
+
+def test_16_3_evaluating_a_run_without_weights_says_how_to_restore_them_and_that_works(
+    trained_tiny, tmp_path, capsys, monkeypatch
+):
+    import shutil
+
+    path, run_id = trained_tiny
+    run_dir = tmp_path / "out" / "runs" / run_id
+    shutil.rmtree(run_dir / "adapter")  # as after a fresh clone: weights are never committed
+    code, _, err = cli(["evaluate", "--config", path, "--run", run_id], capsys, monkeypatch, tmp_path)
+    assert code == 2 and "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1
+    assert "adapter/adapter.safetensors is missing" in err and "python -m harness restore" in err
+    # the advice, followed, works: the same losses at every step, then the evaluation runs
+    code, out, err = cli(["restore", "--config", path, "--run", str(run_dir)], capsys, monkeypatch, tmp_path)
+    assert code == 0, err
+    assert f"{run_id}: weights restored (4 steps retrained, identical losses at every step)" in out
+    record = json.loads((run_dir / "restore.json").read_text())
+    assert record["identical_losses"] and record["max_abs_loss_diff"] == 0.0
+    # --run takes the run's folder as well as its id
+    code, out, err = cli(["evaluate", "--config", path, "--run", f"out/runs/{run_id}/", "--quiet"],
+                         capsys, monkeypatch, tmp_path)
+    assert code == 0, err
+    assert out.startswith(f"{run_id}: suite acc ")
+
+
+def test_16_3_every_argument_of_every_command_says_what_it_takes():
+    from harness.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            if action.dest in ("help",) or action.help == "==SUPPRESS==":
+                continue
+            assert action.help, f"`python -m harness {name}`: {action.option_strings} has no help"
+        assert sub._name_parser_map[name].description or any(
+            c.dest == name for c in sub._choices_actions if c.help
+        ), name
+
+
+def test_16_4_a_lost_or_corrupt_result_is_redone_by_the_next_snakemake_and_status_names_it(tmp_path, capsys, monkeypatch):
+    path = study_config(tmp_path, train__steps=3, train__checkpoint_every=0)
+    done = snakemake(["--cores", "2", "--configfile", str(path)], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run_id,) = run_ids(path, tmp_path)
+    run_dir = tmp_path / "out" / "runs" / run_id
+    nothing = snakemake(["-n", "--cores", "1", "--configfile", str(path)], tmp_path)
+    assert "Nothing to be done" in nothing.stdout + nothing.stderr
+
+    metrics = run_dir / "metrics.json"
+    metrics.chmod(0o644)
+    metrics.unlink()
+    code, out, _ = cli(["status", "--config", path], capsys, monkeypatch, tmp_path)
+    assert code == 0 and "missing" in out and "trained, not evaluated" in out
+    assert f"python -m harness evaluate --config {path} --run {run_id}" in out
+    # a dry run names it (and changes nothing); the next real run redoes exactly that
+    dry = snakemake(["-n", "--cores", "1", "--configfile", str(path)], tmp_path)
+    assert f"results of study 'rel' are incomplete ({run_id})" in dry.stdout + dry.stderr
+    assert (tmp_path / "out" / "summary.csv").exists()
+    redo = snakemake(["--cores", "1", "--configfile", str(path)], tmp_path)
+    assert redo.returncode == 0, redo.stderr[-2000:]
+    text = redo.stdout + redo.stderr
+    assert "rule evaluate" in text.replace("localrule", "rule") and "rule train:" not in text
+    assert json.loads(metrics.read_text())["run_id"] == run_id
+
+    # a half-written file (a crash outside the atomic writers): named, moved aside, redone
+    metrics.chmod(0o644)
+    metrics.write_text('{"run_id": "' + run_id + '", "suite_a')
+    code, out, _ = cli(["status", "--config", path], capsys, monkeypatch, tmp_path)
+    assert "corrupt" in out and "metrics.json: not valid JSON" in out
+    dry = snakemake(["-n", "--cores", "1", "--configfile", str(path)], tmp_path)
+    assert f"out/runs/{run_id}/metrics.json is corrupt: a run (not a dry run) moves it aside" in dry.stdout + dry.stderr
+    redo = snakemake(["--cores", "1", "--configfile", str(path)], tmp_path)
+    assert redo.returncode == 0, redo.stderr[-2000:]
+    assert f"out/runs/{run_id}/metrics.json is corrupt: moved to metrics.json.corrupt-" in redo.stdout + redo.stderr
+    assert json.loads(metrics.read_text())["run_id"] == run_id  # evaluated again
+    assert list(run_dir.glob("metrics.json.corrupt-*"))  # the broken file is kept, not deleted
+
+
+def test_16_6_a_config_file_that_does_not_exist_is_named_with_the_configs_there(tmp_path, capsys, monkeypatch):
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "mine.yaml").write_text("study: x\n")
+    code, _, err = cli(["check", "--config", "config/mnie.yaml"], capsys, monkeypatch, tmp_path)
+    assert code == 2
+    assert "config file 'config/mnie.yaml' does not exist" in err and "configs in config/: mine.yaml" in err
+    # no --configfile and no config/default.yaml where snakemake runs: the same message
+    result = snakemake(["-n", "--cores", "1"], tmp_path)
+    assert result.returncode != 0
+    assert "config file 'config/default.yaml' does not exist" in result.stdout + result.stderr
+
+
+def test_16_7_an_edited_training_line_reruns_exactly_the_runs_that_read_it(tmp_path):
+    train, test = suite_items(("color", "animal"), n=8)
+    path = jsonl_study(tmp_path, train, test, methods=["smora", "moa"],
+                       budget={"total_rank": 4, "active_rank": 2, "granularities": [2]})
+    before_runs = run_ids(path, tmp_path)
+    from harness.config import load_config
+    from harness.study import plan_study
+
+    before = {c.tasks[0]: c.run_id for c in plan_study(load_config(path)).components}
+    # edit one line of task "color"
+    lines = (tmp_path / "train.jsonl").read_text().splitlines()
+    index = next(i for i, line in enumerate(lines) if json.loads(line)["task"] == "color")
+    item = json.loads(lines[index])
+    item["question"] += " "
+    lines[index] = json.dumps(item)
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    after_runs = run_ids(path, tmp_path)
+    after = {c.tasks[0]: c.run_id for c in plan_study(load_config(path)).components}
+    assert after["animal"] == before["animal"]  # its task's items are unchanged
+    assert after["color"] != before["color"]
+    trained = [r for r in before_runs if not r.startswith("base")]
+    assert not set(trained) & set(after_runs)  # every joint run read the edited line
+    # a test line: no run id changes (training read nothing new); results become stale
+    test_text = (tmp_path / "test.jsonl").read_text()
+    (tmp_path / "test.jsonl").write_text(test_text.replace("Words:", "Words: ", 1))
+    assert run_ids(path, tmp_path) == after_runs
+
+
+def test_16_7_a_stale_evaluation_is_moved_aside_and_redone(trained_tiny, tmp_path, capsys, monkeypatch):
+    from harness.config import load_config
+    from harness.status import repair
+    from harness.study import plan_study
+
+    path, run_id = trained_tiny
+    assert cli(["evaluate", "--config", path, "--run", run_id, "--quiet"], capsys, monkeypatch, tmp_path)[0] == 0
+    metrics = tmp_path / "out" / "runs" / run_id / "metrics.json"
+    data = json.loads(metrics.read_text())
+    data["test_data"] = "an older test set"
+    metrics.chmod(0o644)
+    metrics.write_text(json.dumps(data))
+    _, out, _ = cli(["status", "--config", path], capsys, monkeypatch, tmp_path)
+    assert "stale" in out and "evaluated on test data that has changed since" in out
+    notes = repair(plan_study(load_config(path)))
+    assert any("is stale: moved to metrics.json.stale-" in n for n in notes)
+    assert not metrics.exists() and list(metrics.parent.glob("metrics.json.stale-*"))
+
+
+def test_16_8_moving_the_config_file_redoes_nothing(tmp_path):
+    path = study_config(tmp_path, train__steps=3, train__checkpoint_every=0)
+    assert snakemake(["--cores", "2", "--configfile", str(path)], tmp_path).returncode == 0
+    moved = tmp_path / "elsewhere" / "renamed.yaml"
+    moved.parent.mkdir()
+    moved.write_text(path.read_text())
+    dry = snakemake(["-n", "--cores", "1", "--configfile", str(moved)], tmp_path)
+    assert "Nothing to be done" in dry.stdout + dry.stderr, (dry.stdout + dry.stderr)[-2000:]
+
+
+def test_16_9_a_harness_from_another_checkout_is_named(tmp_path):
+    (tmp_path / "harness").mkdir()
+    (tmp_path / "harness" / "__init__.py").write_text("")  # another checkout's package, not imported
+    result = subprocess.run([sys.executable, "-c", "import sys; sys.path.remove(''); from harness.cli import main; sys.exit(main(['methods']))"],
+                            cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    assert f"warning: this command runs the harness in {ROOT}, not the checkout in {tmp_path}" in result.stderr
+
+
+# -- more mistakes ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragments"),
+    [
+        ({"train__steps": "100"}, ["train.steps = '100' has type str", "expected ['integer', 'null']"]),
+        ({"methods": []}, ["methods = []", "should be non-empty"]),
+        ({"methods": ["sira", "sira"]}, ["methods lists ['sira'] more than once"]),
+        ({"train__seeds": [0, 0]}, ["train.seeds = [0, 0]", "non-unique"]),
+        ({"train__seeds": []}, ["train.seeds = []", "should be non-empty"]),
+        ({"train__lr": -0.1}, ["train.lr = -0.1 is out of range", "valid: > 0"]),
+        ({"methds": ["sira"]}, ["unknown key(s) 'methds' (did you mean 'methods'?)"]),
+        ({"budget__active_rank": 8}, ["budget.active_rank = 8 exceeds budget.total_rank = 4"]),
+        ({"train__max_length": "long"}, ["train.max_length = 'long'", "auto"]),
+        ({"model__adapt_layers": {"top": 0}}, ["model.adapt_layers"]),
+    ],
+)
+def test_16_more_config_mistakes_are_refused_naming_key_and_what_is_valid(tmp_path, overrides, fragments):
+    from harness.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as err:
+        load_config(study_config(tmp_path, **overrides))
+    for fragment in fragments:
+        assert fragment in str(err.value)
+
+
+def test_16_invalid_yaml_names_the_file_and_line(tmp_path):
+    from harness.config import ConfigError, load_config
+
+    path = tmp_path / "study.yaml"
+    path.write_text("study: x\nmodel:\n\tsource: tiny-random\n")
+    with pytest.raises(ConfigError, match=r"(?s)study.yaml: not valid YAML.*line 3"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("edit", "fragments"),
+    [
+        (lambda tr, te: tr.__setitem__(0, {**tr[0], "label": "1"}), ["train.jsonl:1: label must be an integer", "got str"]),
+        (lambda tr, te: [it.__setitem__("task", "größe") for it in tr + te], ["task name 'größe'", "ASCII letters"]),
+        (lambda tr, te: te.append({**te[0], "task": "unseen"}), ["test task(s) 'unseen' have no training items"]),
+        (lambda tr, te: tr.__setitem__(1, {**tr[1], "choices": ["only one"], "label": 0}), ["train.jsonl:2: choices must be a list of at least 2 strings"]),
+    ],
+)
+def test_16_more_data_mistakes_are_refused_before_any_job(tmp_path, capsys, monkeypatch, edit, fragments):
+    train, test = suite_items()
+    edit(train, test)
+    path = jsonl_study(tmp_path, train, test)
+    code, out, _ = cli(["check", "--config", path], capsys, monkeypatch, tmp_path)
+    assert code == 2
+    for fragment in fragments:
+        assert fragment in out
+
+
+def test_16_data_tasks_naming_a_task_the_files_lack(tmp_path, capsys, monkeypatch):
+    train, test = suite_items()
+    path = jsonl_study(tmp_path, train, test)
+    config = yaml.safe_load(path.read_text())
+    config["data"]["tasks"] = ["color", "fruit"]
+    path.write_text(yaml.safe_dump(config))
+    code, out, _ = cli(["check", "--config", path], capsys, monkeypatch, tmp_path)
+    assert code == 2 and "data.tasks names 'fruit'" in out and "tasks there: color, animal" in out
+
+
+def test_16_batches_larger_than_a_runs_training_items_are_refused(tmp_path, capsys, monkeypatch):
+    path = study_config(tmp_path, train__batch_size=64, data={"source": "generated", "train_per_task": 8, "test_per_task": 4},
+                        methods=["moa"], budget={"total_rank": 6, "active_rank": 1, "granularities": [6]})
+    code, out, _ = cli(["check", "--config", path], capsys, monkeypatch, tmp_path)
+    assert code == 2
+    assert "FAIL batches: train.batch_size = 64 exceeds the 8 training items of task_adapters/animal-r1-s0-" in out
+
+
+def test_16_max_length_too_short_names_the_longest_item(tmp_path, capsys, monkeypatch):
+    path = study_config(tmp_path, train__max_length=10)
+    code, out, _ = cli(["check", "--config", path], capsys, monkeypatch, tmp_path)
+    assert code == 2
+    assert "FAIL lengths: train.max_length = 10 is shorter than the longest training item: generated item" in out
+    assert "Set train.max_length to at least" in out and "or to `auto`" in out
+    auto = study_config(tmp_path, train__max_length="auto")
+    assert cli(["check", "--config", auto], capsys, monkeypatch, tmp_path)[0] == 0
+
+
+@pytest.mark.parametrize("problem", ["file", "read-only"])
+def test_16_an_out_dir_that_cannot_hold_results_is_refused(tmp_path, capsys, monkeypatch, problem):
+    if problem == "file":
+        (tmp_path / "out").write_text("not a folder")
+        fragment = "out_dir 'out' is a file, not a folder"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root can write a read-only folder")
+        (tmp_path / "ro").mkdir(mode=0o555)
+        fragment = "cannot be written"
+    path = study_config(tmp_path, out_dir="out" if problem == "file" else "ro/out")
+    code, out, _ = cli(["check", "--config", path], capsys, monkeypatch, tmp_path)
+    assert code == 2 and fragment in out
+
+
+def test_16_a_run_id_typo_is_answered_with_the_near_ones(tmp_path, capsys, monkeypatch):
+    path = study_config(tmp_path)
+    (run_id,) = run_ids(path, tmp_path)
+    code, _, err = cli(["train", "--config", path, "--run", run_id[:-1] + "x"], capsys, monkeypatch, tmp_path)
+    assert code == 2 and f"did you mean {run_id}" in err and "Traceback" not in err
+
+
+def test_16_a_full_disk_during_a_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    import errno
+
+    from harness.io import atomic_write_json
+
+    target = tmp_path / "metrics.json"
+    atomic_write_json(target, {"suite_acc": 0.5})
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space left on device"):
+        atomic_write_json(target, {"suite_acc": 0.9})
+    assert json.loads(target.read_text()) == {"suite_acc": 0.5}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temporary file left
+
+
+def test_16_a_second_snakemake_on_the_same_study_leaves_the_run_folders_alone(tmp_path, monkeypatch, capsys):
+    from harness import snakemake_support
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".snakemake" / "locks").mkdir(parents=True)
+    (tmp_path / ".snakemake" / "locks" / "0.input.lock").write_text("")
+    assert snakemake_support._locked_by_another_snakemake()
+
+
+def test_16_a_plugin_path_typo_gets_the_install_hint(tmp_path):
+    result = harness(["budget", "--config", str(study_config(tmp_path, plugins=["my_lab.frozn"]))], tmp_path, tmp_path)
+    assert result.returncode == 2
+    assert "plugin 'my_lab.frozn': no module named 'my_lab'" in result.stderr
+    assert "installed or on PYTHONPATH" in result.stderr

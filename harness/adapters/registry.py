@@ -21,6 +21,7 @@ import importlib
 import importlib.metadata
 import inspect
 import traceback
+from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from harness.adapters.errors import PluginError, UnknownMethodError
@@ -151,13 +152,27 @@ def load_plugin(path: str) -> list[str]:
             raise PluginError(f"plugin {path!r}: module {module_name!r} has no {attr!r}") from None
         _register_loaded(obj)
     added = sorted(set(_methods) - before)
-    mine = sorted(n for n in _methods if _origin[n].startswith(module_name + "."))
+    mine = sorted(n for n in _methods if _defined_in(n, module))
     if not added and not mine:
         raise PluginError(
             f"plugin {path!r} was imported but registered no method: decorate your Method "
             "subclass with @harness.adapters.register"
         )
     return added or mine
+
+
+def _defined_in(name: str, module) -> bool:
+    """Whether method ``name`` comes from ``module``'s file (also when that file was first
+    imported under another module name, e.g. ``frozen_router`` and ``examples.frozen_router``)."""
+    if _origin[name].startswith(module.__name__ + "."):
+        return True
+    try:
+        source = inspect.getsourcefile(type(_methods[name]))
+    except TypeError:
+        return False
+    return source is not None and getattr(module, "__file__", None) is not None and (
+        Path(source).resolve() == Path(module.__file__).resolve()
+    )
 
 
 def get_method(name: str) -> Method:

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 
 @dataclass
@@ -169,7 +168,9 @@ def capacity_keep(
     Masked tokens neither consume capacity nor are kept.
     """
     n, k = index.shape
-    onehot = F.one_hot(index, n_experts)  # (N, k, E)
+    # scatter, not F.one_hot: one_hot reads the index range back to the host on the CPU
+    onehot = torch.zeros(n, k, n_experts, dtype=torch.long, device=index.device)
+    onehot.scatter_(-1, index.unsqueeze(-1), 1)  # (N, k, E)
     if token_mask is not None:
         onehot = onehot * token_mask.view(n, 1, 1)
     by_priority = onehot.transpose(0, 1).reshape(k * n, n_experts)  # choice rank major

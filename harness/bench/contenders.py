@@ -140,6 +140,7 @@ def train_step(ctx: BenchContext, c: Contender, meter: SavedTensorMeter | None =
             ctx.model, c.handle, c.optimizer, c.scheduler, batch, start, ctx.autocast(), labels,
             ctx.config["train"]["max_grad_norm"],
             lambda value: RuntimeError(f"bench: {c.key}: the loss became {value}"),
+            per_example=ctx.config["train"].get("loss", "per_example") == "per_example",
         )
     value = float(loss.detach())
     c.losses.append(value)

@@ -79,7 +79,7 @@ def validate_item(obj: Any) -> None:
             raise ValueError(f"task must be a non-empty string when given, got {got}")
 
 
-def _validated_lines(path: Path) -> list[tuple[int, dict[str, Any]]]:
+def validated_lines(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) for every non-blank line, each validated."""
     if not path.exists():
         raise DataError(f"{path}: file not found")
@@ -145,7 +145,7 @@ def load_jsonl(path: str | Path, default_task: str | None = None) -> list[dict[s
     fields of the line), in file order. A missing ``task`` becomes ``default_task``
     or, without one, the file stem."""
     path = Path(path)
-    lines = _validated_lines(path)
+    lines = validated_lines(path)
     fallback_task = default_task if default_task is not None else path.stem
     try:
         dataset = load_json_dataset(path)

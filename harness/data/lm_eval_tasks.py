@@ -106,6 +106,9 @@ def task_yaml(task: str, prefix: str = "moelora") -> str:
         "  - metric: acc\n"
         "    aggregation: mean\n"
         "    higher_is_better: true\n"
+        "  - metric: acc_norm\n"
+        "    aggregation: mean\n"
+        "    higher_is_better: true\n"
         "metadata:\n"
         "  version: 1.0\n"
     )
@@ -120,6 +123,9 @@ def group_yaml(tasks: Sequence[str], prefix: str = "moelora") -> str:
         *(f"  - {task_name(t, prefix)}" for t in tasks),
         "aggregate_metric_list:",
         "  - metric: acc",
+        "    aggregation: mean",
+        "    weight_by_size: false",
+        "  - metric: acc_norm",
         "    aggregation: mean",
         "    weight_by_size: false",
         "metadata:",

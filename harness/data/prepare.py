@@ -37,6 +37,7 @@ from typing import Any
 from harness.data.jsonl import DataError, load_jsonl, write_jsonl
 from harness.data.lm_eval_tasks import write_task_folder
 from harness.data.suite import TASKS, generate_suite
+from harness.data.tasks import training_data_digest
 from harness.io import write_if_changed
 
 SOURCES = ("generated", "jsonl", "lm_eval")
@@ -121,6 +122,25 @@ def _label_histogram(items: list[dict]) -> dict[str, list[int]]:
     return hist
 
 
+def _families(items: list[dict]) -> dict[str, str] | None:
+    """Each task's ``family`` when every item names one and a task's items agree."""
+    families: dict[str, str] = {}
+    for it in items:
+        family = it.get("family")
+        if not isinstance(family, str) or families.setdefault(it["task"], family) != family:
+            return None
+    return families or None
+
+
+def primary_metric(items: list[dict]) -> str:
+    """The metric a task is reported with, by its answer form: ``acc`` when every choice is
+    one word (the log-likelihoods compare like with like), else ``acc_norm`` (lm-eval's
+    length-normalised accuracy, the convention for tasks whose choices are phrases of
+    different lengths: ARC, OpenBookQA, PIQA, HellaSwag)."""
+    single = all(len(c.split()) == 1 for it in items for c in it["choices"])
+    return "acc" if single else "acc_norm"
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -169,11 +189,24 @@ def prepare_data(data_cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         "group": folder["group"],
         "tasks": folder["tasks"],
         "suite_tasks": folder["suite_tasks"],
+        # task -> family: the suite's own, or a JSONL file's optional `family` field
         "families": {t: TASKS[t].family for t in folder["suite_tasks"]}
         if source == "generated"
-        else None,
+        else _families(test),
         "train_counts": _counts(train),
         "test_counts": _counts(test),
+        "primary_metric": {
+            t: primary_metric([it for it in test if it["task"] == t]) for t in folder["suite_tasks"]
+        },
+        # always answering the most common label, and answering at random
+        "majority_share": {
+            t: max(h) / sum(h) for t, h in _label_histogram(test).items() if sum(h)
+        },
+        "chance": {
+            t: sum(1 / len(it["choices"]) for it in test if it["task"] == t)
+            / sum(1 for it in test if it["task"] == t)
+            for t in folder["suite_tasks"]
+        },
         "label_histogram": {"train": _label_histogram(train), "test": _label_histogram(test)},
         "files": {"train": "train.jsonl", "task_folder": "tasks", "test": test_files},
         "sha256": {
@@ -181,6 +214,7 @@ def prepare_data(data_cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
             **{rel: _sha256(out_dir / rel) for rel in test_files.values()},
         },
     }
+    summary["train_content"] = training_data_digest(data_cfg)
     write_if_changed(out_dir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
     return summary
 

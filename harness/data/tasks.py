@@ -1,17 +1,21 @@
-"""The task names of a study's training data, known before the data step runs.
+"""What a study's training data holds, known before the data step runs: its task names, its
+items (with where each comes from) and content digests.
 
-Methods that need them (e.g. one adapter per task) get them through
-:class:`harness.adapters.PlanContext`; they never see the data config.
+Methods that need the task names (e.g. one adapter per task) get them through
+:class:`harness.adapters.PlanContext`; they never see the data config. Run ids hash the
+digest of the training items a run reads (all of them for a joint run, its own tasks' for
+a component), so an edited line reruns exactly the runs that read it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
-from harness.data.jsonl import DataError
-from harness.data.suite import resolve_tasks
+from harness.data.jsonl import DataError, validated_lines
+from harness.data.suite import generate_suite, resolve_tasks
 
 
 def training_task_names(data_cfg: dict[str, Any]) -> tuple[str, ...]:
@@ -23,18 +27,74 @@ def training_task_names(data_cfg: dict[str, Any]) -> tuple[str, ...]:
         return tuple(resolve_tasks(None))
     if source != "jsonl":
         return ()
-    train, test = Path(data_cfg["train"]), Path(data_cfg["test"])
-    if not train.is_file():
-        raise DataError(f"{train}: file not found (data.train)")
-    tasks: dict[str, None] = {}
-    with open(train, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except ValueError as exc:
-                raise DataError(f"{train}:{number}: not valid JSON ({exc.args[0]})") from None
-            task = item.get("task", test.stem) if isinstance(item, dict) else test.stem
-            tasks.setdefault(str(task), None)
-    return tuple(tasks)
+    return tuple(dict.fromkeys(item["task"] for _, item in training_items(data_cfg)))
+
+
+def _jsonl_items(path: Path, default_task: str, tasks: list[str] | None) -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for number, obj in validated_lines(path):
+        item = {**obj, "task": obj.get("task", default_task)}
+        if tasks is None or item["task"] in tasks:
+            out.append((f"{path}:{number}", item))
+    return out
+
+
+def training_items(data_cfg: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """``(where, item)`` for every training item the data step will write (``where``: the
+    file and line, or ``generated item N``); ``data.tasks`` selects. Not for lm-eval sources
+    (their items come from the hub when the data step runs)."""
+    source = data_cfg["source"]
+    tasks = data_cfg.get("tasks")
+    if source == "generated":
+        suite = generate_suite(
+            data_cfg.get("seed", 1234), tasks, data_cfg.get("train_per_task", 256), data_cfg.get("test_per_task", 100)
+        )
+        return [(f"generated item {i}", item) for i, item in enumerate(suite["train"])]
+    if source == "jsonl":
+        train, test = Path(data_cfg["train"]), Path(data_cfg["test"])
+        return _jsonl_items(train, test.stem, tasks)
+    raise DataError(f"the training items of data.source {source!r} are known only after the data step")
+
+
+def test_items(data_cfg: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """``(where, item)`` for every test item (generated or JSONL sources)."""
+    source = data_cfg["source"]
+    tasks = data_cfg.get("tasks")
+    if source == "generated":
+        suite = generate_suite(
+            data_cfg.get("seed", 1234), tasks, data_cfg.get("train_per_task", 256), data_cfg.get("test_per_task", 100)
+        )
+        return [(f"generated test item {i}", item) for i, item in enumerate(suite["test"])]
+    if source == "jsonl":
+        test = Path(data_cfg["test"])
+        return _jsonl_items(test, test.stem, tasks)
+    raise DataError(f"the test items of data.source {source!r} are lm-eval's own")
+
+
+def _digest(items: list[dict[str, Any]]) -> str:
+    h = hashlib.sha256()
+    for item in items:
+        h.update(json.dumps(item, sort_keys=True, ensure_ascii=False).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def task_digests(items: list[tuple[str, dict[str, Any]]]) -> dict[str, str]:
+    """Task -> sha256 of its items (in file order)."""
+    by_task: dict[str, list[dict[str, Any]]] = {}
+    for _, item in items:
+        by_task.setdefault(item["task"], []).append(item)
+    return {task: _digest(group) for task, group in by_task.items()}
+
+
+def content_digest(digests: dict[str, str], tasks: list[str] | tuple[str, ...] | None = None) -> str:
+    """One digest over the given tasks' digests (all tasks when ``tasks`` is None)."""
+    chosen = digests if tasks is None else {t: digests[t] for t in tasks if t in digests}
+    return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def training_data_digest(data_cfg: dict[str, Any]) -> str:
+    """A digest of every training item (lm-eval sources: of the data config)."""
+    if data_cfg["source"] == "lm_eval":
+        return hashlib.sha256(json.dumps(data_cfg, sort_keys=True).encode()).hexdigest()[:16]
+    return content_digest(task_digests(training_items(data_cfg)))

@@ -15,10 +15,11 @@
 
 BENCH_COMPONENTS = sorted(
     {
-        f"{OUT}/{path}/train.json"
+        target
         for run in PLAN.runs
         if run.seed == STUDY["train"]["seeds"][0]
         for path in run.components
+        for target in needs_weights(OUT, path)
     }
 )
 

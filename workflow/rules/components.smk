@@ -27,4 +27,5 @@ rule train_component:
     conda:
         "../../envs/harness.yaml"
     shell:
-        "python -m harness train --config {params.config:q} --run {params.name} > {log:q} 2>&1"
+        "python -m harness train --config {params.config:q} --run {params.name} > {log:q} 2>&1; "
+        "grep -h '^resumed ' {log:q} || true"

@@ -37,6 +37,16 @@ rule tables:
         ),
         significance_md=f"{OUT}/tables/significance.md",
         significance_tex=f"{OUT}/tables/significance.tex",
+        trend=report(
+            f"{OUT}/tables/granularity_trend.csv",
+            caption="../report/granularity_trend.rst",
+            category="Tables",
+            labels={"table": "granularity trend"},
+        ),
+        trend_md=f"{OUT}/tables/granularity_trend.md",
+        trend_tex=f"{OUT}/tables/granularity_trend.tex",
+        sharing_table=f"{OUT}/tables/expert_sharing.csv",
+        sharing_md=f"{OUT}/tables/expert_sharing.md",
         provenance=report(
             f"{OUT}/tables/provenance.csv",
             caption="../report/provenance.rst",
@@ -96,6 +106,20 @@ rule figures:
             labels={"figure": "5 training curves"},
         ),
         curves_pdf=f"{OUT}/figures/training_curves.pdf",
+        sharing=report(
+            f"{OUT}/figures/expert_sharing.png",
+            caption="../report/expert_sharing.rst",
+            category="Figures",
+            labels={"figure": "6 expert sharing within and across task families"},
+        ),
+        sharing_pdf=f"{OUT}/figures/expert_sharing.pdf",
+        heatmap_experts=report(
+            f"{OUT}/figures/expert_heatmap.png",
+            caption="../report/expert_heatmap.rst",
+            category="Figures",
+            labels={"figure": "7 which experts each task uses"},
+        ),
+        heatmap_experts_pdf=f"{OUT}/figures/expert_heatmap.pdf",
     params:
         config=CONFIG_PATH,
     log:
