@@ -144,7 +144,7 @@ SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_
 def make_optimizer(handle: AdapterHandle, train_cfg: dict[str, Any], lr: float):
     """AdamW over the run's trainable adapter parameters (the same for every method)."""
     return torch.optim.AdamW(
-        handle.trainable_parameters(), lr=lr, weight_decay=train_cfg["weight_decay"]
+        handle.trainable_parameters(), lr=lr, weight_decay=train_cfg["weight_decay"], fused=True
     )
 
 

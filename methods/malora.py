@@ -74,8 +74,14 @@ class MALoRALayer(BlockMixtureLayer):
     def project_down(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.shared_S), self.shared_P)
 
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(P S x, W_g x)``: the router's rows stacked under ``S``'s, one matmul."""
+        r_s = self.shared_S.shape[0]
+        both = F.linear(x, torch.cat([self.shared_S, self.router.weight]))
+        return F.linear(both[:, :r_s], self.shared_P), both[:, r_s:]
+
     def route(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> Routing:
-        index, weight = topk_softmax(self.router(x), self.top_k)
+        index, weight = topk_softmax(self.router_logits(x), self.top_k)
         return Routing(index=index, weight=weight)
 
 

@@ -32,7 +32,7 @@ class MoLoRAConfig(MixtureConfig):
 
 class MoLoRALayer(BlockMixtureLayer):
     def route(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> Routing:
-        logits = self.router(x)
+        logits = self.router_logits(x)
         if self.top_k is None:
             return Routing(gate=torch.softmax(logits, dim=-1))
         index, weight = topk_softmax(logits, self.top_k)

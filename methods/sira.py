@@ -26,10 +26,9 @@ import torch.nn.functional as F
 
 from harness.adapters import BlockMixtureLayer, BlockMixtureMethod, MixtureConfig, Routing, register
 from harness.adapters.routing import (
-    capacity_keep,
+    assignment_slots,
     expert_capacity,
-    load_balancing_loss,
-    real_tokens,
+    load_balancing_loss_from_counts,
     topk_softmax,
 )
 
@@ -46,20 +45,26 @@ class SiRALayer(BlockMixtureLayer):
     config: SiRAConfig
 
     def route(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> Routing:
-        cfg = self.config
-        logits = self.router(x)
-        index, weight = topk_softmax(logits, self.top_k)
+        cfg, k = self.config, self.top_k
+        logits = self.router_logits(x)
+        index, weight = topk_softmax(logits, k)
         keep = None
         if self.training or cfg.capacity_in_eval:
-            n_tokens = real_tokens(x.shape[0], token_mask, x.device)
-            capacity = expert_capacity(cfg.capacity_factor, self.top_k, n_tokens, self.num_experts)
-            keep = capacity_keep(index, self.num_experts, capacity, token_mask)
+            tokens = self.token_batch(token_mask)
+            slots, counts = assignment_slots(index, self.num_experts, token_mask, tokens)
+            capacity = tokens.memo(  # the same for every layer of this forward
+                ("sira capacity", cfg.capacity_factor, k, self.num_experts),
+                lambda: expert_capacity(
+                    cfg.capacity_factor, k, tokens.count(x.shape[0], x.device), self.num_experts
+                ).float(),
+            )
+            keep = slots <= capacity
             weight = weight * keep
+            if self.training and cfg.aux_loss_weight > 0:
+                probs = torch.softmax(logits, dim=-1)
+                self._aux = cfg.aux_loss_weight * load_balancing_loss_from_counts(probs, counts, k, tokens)
         if self.training and cfg.expert_dropout > 0:
             weight = F.dropout(weight, p=cfg.expert_dropout, training=True)
-        if self.training and cfg.aux_loss_weight > 0:
-            probs = torch.softmax(logits, dim=-1)
-            self._aux = cfg.aux_loss_weight * load_balancing_loss(probs, index, token_mask)
         return Routing(index=index, weight=weight, keep=keep)
 
 

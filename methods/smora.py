@@ -74,17 +74,16 @@ class SMoRALayer(BlockMixtureLayer):
         self._counts: torch.Tensor | None = None
 
     def route(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> Routing:
-        scores = torch.sigmoid(self.router(x))
+        scores = torch.sigmoid(self.router_logits(x))
         _, index = (scores.detach() + self.selection_bias).topk(self.top_k, dim=-1)
         selected = scores.gather(1, index)
         if self.top_k > 1:
             weight = self.top_k * selected / selected.sum(-1, keepdim=True)
         else:
             weight = selected
-        counts = selection_counts(index, self.num_experts, token_mask)  # real tokens per block
-        if self.training:
-            self._counts = counts
-        return Routing(index=index, weight=weight, load=counts / counts.sum().clamp_min(1.0))
+        if self.training:  # real tokens per block, for the bias update after the step
+            self._counts = selection_counts(index, self.num_experts, token_mask)
+        return Routing(index=index, weight=weight)
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:

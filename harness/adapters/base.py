@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from harness.adapters.grid import BudgetRequest, ParamCount, TargetShape, Variant
+from harness.adapters.routing import TokenBatch
 
 if TYPE_CHECKING:
     from harness.adapters.components import Component, ComponentInfo
@@ -101,6 +102,7 @@ class AdapterLayer(TrainingHooks, nn.Module):
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
         self.token_mask: torch.Tensor | None = None
+        self.tokens: TokenBatch | None = None  # shared by the layers of one forward
         self.record_routing = False
         self.routing_shares: torch.Tensor | None = None
 
@@ -118,7 +120,15 @@ class AdapterLayer(TrainingHooks, nn.Module):
             raise ValueError(
                 f"token mask has {mask.numel()} entries but the layer saw {n_tokens} tokens"
             )
+        if mask.dim() == 1 and mask.dtype == torch.bool and mask.device == device:
+            return mask  # the handle's own tensor: :meth:`token_batch` recognises it
         return mask.reshape(-1).to(device=device, dtype=torch.bool)
+
+    def token_batch(self, mask: torch.Tensor | None) -> TokenBatch:
+        """The forward's shared :class:`TokenBatch` for ``mask`` (a private one when the layer
+        runs outside the handle's :meth:`~AdapterHandle.token_mask`)."""
+        tokens = self.tokens
+        return tokens if tokens is not None and tokens.mask is mask else TokenBatch(mask)
 
     def keep_routing(self, routing: Routing, n_experts: int) -> None:
         """Keep the per-token expert shares of ``routing`` when the handle asked for them

@@ -52,12 +52,18 @@ def dense_block_delta(
     """``scaling · B (expand(g) ⊙ h)`` for an already projected ``h = A x`` of shape ``(N, E·r)``.
 
     ``gate`` is ``(N, E)``, a per-expert vector ``(E,)`` broadcast over tokens, or
-    ``None`` (all blocks with weight one, i.e. plain LoRA).
+    ``None`` (all blocks with weight one, i.e. plain LoRA). The scale is applied to the
+    ``E`` gates (or the ``E·r`` ranks), not to the ``d_out`` outputs: one multiply of a
+    small tensor instead of the output-sized one, forward and backward.
     """
-    if gate is not None:
-        n_blocks = h.shape[-1] // block_rank
-        h = (h.unflatten(-1, (n_blocks, block_rank)) * gate.unsqueeze(-1)).flatten(-2)
-    return F.linear(h, up) * scaling
+    if gate is None:
+        return F.linear(h * scaling, up)
+    n_blocks = h.shape[-1] // block_rank
+    scaled = gate * scaling
+    if block_rank == 1:
+        return F.linear(h * scaled, up)
+    h = (h.unflatten(-1, (n_blocks, block_rank)) * scaled.unsqueeze(-1)).flatten(-2)
+    return F.linear(h, up)
 
 
 def sparse_block_delta(
@@ -83,9 +89,8 @@ def sparse_block_delta(
     offsets = torch.arange(block_rank, device=index.device)
     rows = (index.unsqueeze(-1) * block_rank + offsets).reshape(n, k * block_rank)  # (N, k·r)
     h = torch.bmm(down[rows], x.unsqueeze(-1)).squeeze(-1)  # (N, k·r)
-    h = h * expand_gate(weight, block_rank)
-    out = F.embedding_bag(rows, up.t(), per_sample_weights=h.to(up.dtype), mode="sum")
-    return out * scaling
+    h = h * expand_gate(weight * scaling, block_rank)
+    return F.embedding_bag(rows, up.t(), per_sample_weights=h.to(up.dtype), mode="sum")
 
 
 def choose_path(path: str, n_blocks: int, top_k: int | None) -> str:

@@ -21,6 +21,7 @@ from torch import nn
 from harness.adapters.base import AdapterLayer, Method, MethodConfig
 from harness.adapters.errors import CountMismatchError
 from harness.adapters.grid import ParamCount, TargetShape
+from harness.adapters.routing import TokenBatch
 
 
 def trainable_numel(model: nn.Module) -> int:
@@ -129,8 +130,10 @@ class AdapterHandle:
         ``prompt_mask`` (optional, same shape) marks the prompt's tokens only (not the
         trained answer tokens after it); modules with a ``prompt_mask`` attribute get it.
         """
+        flat = None if mask is None else mask.reshape(-1).bool()
         with self._set_on_modules(
-            token_mask=None if mask is None else mask.reshape(-1).bool(),
+            token_mask=flat,
+            tokens=TokenBatch(flat),
             prompt_mask=None if prompt_mask is None else prompt_mask.reshape(-1).bool(),
         ):
             yield

@@ -69,6 +69,7 @@ class BlockMixtureLayer(AdapterLayer):
         if self.has_router:
             self.router = nn.Linear(self.in_features, self.num_experts, bias=False)
             router_init(self.router.weight)
+        self._logits: torch.Tensor | None = None
         self._routing: Routing | None = None
         self._routing_mask: torch.Tensor | None = None
         self._aux: torch.Tensor | None = None
@@ -87,6 +88,26 @@ class BlockMixtureLayer(AdapterLayer):
     def project_down(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.down_weight())
 
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(A x, W_g x)``: the router's ``E`` rows stacked under ``A``'s, one matmul
+        forward and one per gradient instead of two (``None`` logits: the layer has no
+        router, overrides :meth:`project_down`, whose projection is then used, or trains
+        only one of the two, whose fused gradient would cost more than it saves)."""
+        if not self.has_router or type(self).project_down is not BlockMixtureLayer.project_down:
+            return self.project_down(x), None
+        down = self.down_weight()
+        if down.requires_grad != self.router.weight.requires_grad:
+            # frozen experts (MoA's stage two): a fused matmul would compute their gradient too
+            return F.linear(x, down), None
+        both = F.linear(x, torch.cat([down, self.router.weight]))
+        return both[:, : down.shape[0]], both[:, down.shape[0]:]
+
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``W_g x`` for the tokens being routed: computed with ``A x`` by :meth:`project`
+        on the dense path, else here."""
+        logits, self._logits = self._logits, None
+        return logits if logits is not None else self.router(x)
+
     @abstractmethod
     def route(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> Routing:
         """Score, select and normalise for flat tokens ``x`` (``N x d_in``)."""
@@ -96,7 +117,13 @@ class BlockMixtureLayer(AdapterLayer):
         lead = x.shape[:-1]
         xf = x.reshape(-1, self.in_features).to(self.lora_B.dtype)
         mask = self._flat_mask(xf.shape[0], x.device)
-        routing = self.route(xf, mask)
+        h = None
+        if self.path == "dense":
+            h, self._logits = self.project(xf)
+        try:
+            routing = self.route(xf, mask)
+        finally:
+            self._logits = None
         self._routing, self._routing_mask = routing, mask
         self.keep_routing(routing, self.num_experts)
         if self.path == "sparse" and routing.index is not None:
@@ -111,7 +138,7 @@ class BlockMixtureLayer(AdapterLayer):
             )
         else:
             out = dense_block_delta(
-                self.project_down(xf),
+                h if h is not None else self.project_down(xf),
                 routing.dense_gate(self.num_experts),
                 self.lora_B,
                 self.expert_rank,

@@ -13,6 +13,48 @@ from dataclasses import dataclass
 import torch
 
 
+class TokenBatch:
+    """What every routed layer of one forward needs to know about the batch's real tokens
+    (the float mask, its count, SiRA's capacity, ...), computed by the first layer that
+    asks and reused by the others: once per step, not once per adapted module.
+
+    The handle makes one per forward (:meth:`AdapterHandle.token_mask`); a layer called
+    on its own makes a private one. ``mask``: flat bool over the ``N`` tokens, or ``None``
+    (all real).
+    """
+
+    def __init__(self, mask: torch.Tensor | None):
+        self.mask = mask
+        self._memo: dict[tuple, torch.Tensor] = {}
+
+    def memo(self, key: tuple, make) -> torch.Tensor:
+        """``make()`` the first time ``key`` is asked for, the same tensor afterwards."""
+        value = self._memo.get(key)
+        if value is None:
+            value = self._memo[key] = make()
+        return value
+
+    def weights(self, n_tokens: int, device: torch.device) -> torch.Tensor:
+        """``(N,)`` float32: 1 for a real token, 0 for padding."""
+        if self.mask is None:
+            return self.memo(("ones", n_tokens, device), lambda: torch.ones(n_tokens, device=device))
+        return self.memo(("weights",), lambda: self.mask.to(torch.float32))
+
+    def count(self, n_tokens: int, device: torch.device) -> torch.Tensor:
+        """The number of real tokens, a 0-d float32 tensor (on the device, no sync)."""
+        return self.memo(("count", n_tokens), lambda: self.weights(n_tokens, device).sum())
+
+    def by_choice(self, n_tokens: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """For ``k`` choices per token in choice-rank-major order (``k·N``): the weights
+        ``(1, k·N)`` (1 real, 0 padding) and an offset that is 0 for a real token and
+        ``inf`` for padding (so padding never fits a capacity)."""
+        def make():
+            valid = self.weights(n_tokens, device).repeat(k).view(1, k * n_tokens)
+            return torch.stack([valid, torch.zeros_like(valid).masked_fill(valid == 0, float("inf"))])
+        both = self.memo(("by_choice", n_tokens, k), make)
+        return both[0], both[1]
+
+
 @dataclass
 class Routing:
     """A router's decision for ``N`` tokens.
@@ -76,7 +118,7 @@ def topk_softmax(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     """
     if k == 1:
         probs = torch.softmax(logits, dim=-1)
-        weight, index = probs.topk(1, dim=-1)
+        weight, index = probs.max(dim=-1, keepdim=True)  # top-1 without topk's partial sort
         return index, weight
     values, index = logits.topk(k, dim=-1)
     return index, torch.softmax(values, dim=-1)
@@ -155,28 +197,38 @@ def expert_capacity(
     return torch.ceil(capacity_factor * top_k * n_tokens.double() / n_experts)
 
 
+def assignment_slots(
+    index: torch.Tensor,
+    n_experts: int,
+    token_mask: torch.Tensor | None,
+    tokens: TokenBatch | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each assignment's 1-based place in its expert's queue, ``(N, k)`` float (``inf``
+    for padding, which takes no place), and the real assignments per expert, ``(E,)``.
+
+    Queue order (as in GShard): every token's first choice before any token's second
+    choice; within one choice rank, earlier tokens (flattened batch order) first. One
+    scatter and one running sum over an ``E x k·N`` table.
+    """
+    n, k = index.shape
+    tokens = tokens if tokens is not None else TokenBatch(token_mask)
+    valid, pad = tokens.by_choice(n, k, index.device)
+    flat = index.detach().t().reshape(1, k * n)  # choice rank major
+    running = torch.zeros(n_experts, k * n, device=index.device).scatter_(0, flat, valid).cumsum(1)
+    slots = running.gather(0, flat) + pad
+    return slots.view(k, n).t(), running[:, -1]
+
+
 def capacity_keep(
     index: torch.Tensor,
     n_experts: int,
     capacity: torch.Tensor | int,
     token_mask: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Which assignments fit in their expert's capacity, ``(N, k)`` bool.
-
-    Priority (as in GShard): every token's first choice before any token's second
-    choice; within one choice rank, earlier tokens (flattened batch order) first.
-    Masked tokens neither consume capacity nor are kept.
-    """
-    n, k = index.shape
-    # scatter, not F.one_hot: one_hot reads the index range back to the host on the CPU
-    onehot = torch.zeros(n, k, n_experts, dtype=torch.long, device=index.device)
-    onehot.scatter_(-1, index.unsqueeze(-1), 1)  # (N, k, E)
-    if token_mask is not None:
-        onehot = onehot * token_mask.view(n, 1, 1)
-    by_priority = onehot.transpose(0, 1).reshape(k * n, n_experts)  # choice rank major
-    position = by_priority.cumsum(0) * by_priority  # 1-based slot in the chosen expert
-    fits = (position > 0) & (position <= capacity)
-    return fits.any(-1).view(k, n).transpose(0, 1)
+    """Which assignments fit in their expert's capacity, ``(N, k)`` bool, in the queue order
+    of :func:`assignment_slots`. Masked tokens neither consume capacity nor are kept."""
+    slots, _ = assignment_slots(index, n_experts, token_mask)
+    return slots <= capacity
 
 
 def load_balancing_loss(
@@ -196,6 +248,26 @@ def load_balancing_loss(
     n_experts = probs.shape[-1]
     f = selection_share(index, n_experts, token_mask, keep).to(probs.dtype)
     return n_experts * torch.sum(f * masked_mean(probs, token_mask))
+
+
+def load_balancing_loss_from_counts(
+    probs: torch.Tensor, counts: torch.Tensor, top_k: int, tokens: TokenBatch
+) -> torch.Tensor:
+    """:func:`load_balancing_loss` (before capacity) from the per-expert assignment
+    ``counts`` of :func:`assignment_slots`. With ``n`` real tokens, ``f_e = counts_e / (k n)``
+    and ``P_e = sum_t w_t p_te / n``, so
+
+        L_aux = E · sum_e f_e P_e = E / (k n²) · counts · (Pᵀ w)
+
+    (one matrix-vector product over the tokens; the factor is shared by the step's layers).
+    """
+    n_tokens, n_experts = probs.shape
+    w = tokens.weights(n_tokens, probs.device).to(probs.dtype)
+    factor = tokens.memo(
+        ("switch", n_tokens, n_experts, top_k),
+        lambda: n_experts / (top_k * tokens.count(n_tokens, probs.device) ** 2).clamp_min(1.0),
+    )
+    return torch.dot(counts.to(probs.dtype), probs.t().mv(w)) * factor
 
 
 @dataclass

@@ -88,21 +88,22 @@ class MoALayer(BlockMixtureLayer):
             prompt = token_mask
         labels = self._labels(n_seq, x.device)
         if self.level == "sequence":
-            xs = x.reshape(n_seq, length, self.in_features)
+            # the router is linear: the logits of the mean prompt token are the mean of the
+            # tokens' logits, pooled over T columns instead of d_in
+            token_logits = self.router_logits(x).view(n_seq, length, -1)
             if prompt is None:
-                pooled, seq_valid = xs.mean(1), None
+                logits, seq_valid = token_logits.mean(1), None
             else:
-                weight = prompt.view(n_seq, length).to(x.dtype)
-                pooled = (xs * weight.unsqueeze(-1)).sum(1) / weight.sum(1, keepdim=True).clamp_min(1)
+                weight = prompt.view(n_seq, length).to(token_logits.dtype)
+                logits = (token_logits * weight.unsqueeze(-1)).sum(1) / weight.sum(1, keepdim=True).clamp_min(1)
                 seq_valid = prompt.view(n_seq, length).any(1)
-            logits = self.router(pooled)  # (B, T)
             index, weight = self._select(logits)
             if labels is not None:
                 self._supervise(logits, labels, seq_valid)
             index = index.repeat_interleave(length, dim=0)
             weight = weight.repeat_interleave(length, dim=0)
             return Routing(index=index, weight=weight)
-        logits = self.router(x)  # (N, T)
+        logits = self.router_logits(x)  # (N, T)
         index, weight = self._select(logits)
         if labels is not None:
             self._supervise(logits, labels.repeat_interleave(length), token_mask)
