@@ -76,9 +76,10 @@ class MALoRALayer(BlockMixtureLayer):
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(P S x, W_g x)``: the router's rows stacked under ``S``'s, one matmul."""
-        r_s = self.shared_S.shape[0]
-        both = F.linear(x, torch.cat([self.shared_S, self.router.weight]))
-        return F.linear(both[:, :r_s], self.shared_P), both[:, r_s:]
+        z, logits = F.linear(x, torch.cat([self.shared_S, self.router.weight])).split(
+            [self.shared_S.shape[0], self.num_experts], dim=-1
+        )
+        return F.linear(z, self.shared_P), logits
 
     def route(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> Routing:
         index, weight = topk_softmax(self.router_logits(x), self.top_k)

@@ -22,13 +22,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from harness.adapters import BlockMixtureLayer, BlockMixtureMethod, MixtureConfig, Routing, register
 from harness.adapters.routing import (
     assignment_slots,
     expert_capacity,
     load_balancing_loss_from_counts,
+    routing_dtype,
+    switch_coefficients,
+    topk_gate,
+    topk_index,
     topk_softmax,
 )
 
@@ -47,25 +50,38 @@ class SiRALayer(BlockMixtureLayer):
     def route(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> Routing:
         cfg, k = self.config, self.top_k
         logits = self.router_logits(x)
-        index, weight = topk_softmax(logits, k)
-        keep = None
-        if self.training or cfg.capacity_in_eval:
-            tokens = self.token_batch(token_mask)
-            slots, counts = assignment_slots(index, self.num_experts, token_mask, tokens)
-            capacity = tokens.memo(  # the same for every layer of this forward
-                ("sira capacity", cfg.capacity_factor, k, self.num_experts),
-                lambda: expert_capacity(
-                    cfg.capacity_factor, k, tokens.count(x.shape[0], x.device), self.num_experts
-                ).float(),
+        if not (self.training or cfg.capacity_in_eval):
+            index, weight = topk_softmax(logits, k)
+            return Routing(index=index, weight=weight)
+        index = topk_index(logits, k)
+        tokens = self.token_batch(token_mask)
+        slots, counts = assignment_slots(index, self.num_experts, token_mask, tokens)
+        capacity = tokens.memo(  # the same for every layer of this forward
+            ("sira capacity", cfg.capacity_factor, k, self.num_experts),
+            lambda: expert_capacity(
+                cfg.capacity_factor, k, tokens.count(x.shape[0], x.device), self.num_experts
+            ).float(),
+        )
+        keep = slots <= capacity
+        gate_mask = keep.to(routing_dtype(logits))
+        if self.training and cfg.expert_dropout > 0:  # inverted dropout: F.dropout's draw
+            noise = torch.empty(gate_mask.shape, dtype=gate_mask.dtype, device=gate_mask.device)
+            noise.bernoulli_(1 - cfg.expert_dropout)
+            gate_mask = gate_mask * noise.div_(1 - cfg.expert_dropout)
+        aux_coef = None
+        if self.training and cfg.aux_loss_weight > 0:
+            aux_coef = switch_coefficients(counts, k, tokens, x.shape[0], cfg.aux_loss_weight)
+        if self.path == "dense":  # gates and loss as one autograd node
+            gate, self._aux = topk_gate(
+                logits, index, gate_mask, tokens.weights(x.shape[0], x.device), aux_coef
             )
-            keep = slots <= capacity
-            weight = weight * keep
-            if self.training and cfg.aux_loss_weight > 0:
-                probs = torch.softmax(logits, dim=-1)
-                self._aux = cfg.aux_loss_weight * load_balancing_loss_from_counts(probs, counts, k, tokens)
-        if self.training and cfg.expert_dropout > 0:
-            weight = F.dropout(weight, p=cfg.expert_dropout, training=True)
-        return Routing(index=index, weight=weight, keep=keep)
+            return Routing(gate=gate, index=index, keep=keep)
+        _, weight = topk_softmax(logits, k)
+        if aux_coef is not None:
+            self._aux = load_balancing_loss_from_counts(
+                torch.softmax(logits, dim=-1), counts, k, tokens, cfg.aux_loss_weight
+            )
+        return Routing(index=index, weight=weight * gate_mask.to(weight.dtype), keep=keep)
 
 
 @register

@@ -397,3 +397,52 @@ def test_smora_bias_rate_reaches_the_run_config_through_the_plan(tmp_path):
     })
     (run,) = plan_study(config).trained_runs
     assert run.method_config["bias_update_rate"] == pytest.approx(1e-5 * 27_669 / 100)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("with_aux", [False, True])
+def test_fused_topk_gate_equals_its_composition_in_values_and_gradients(k, with_aux):
+    """``topk_gate`` (one autograd node) = top-k softmax, mask, scatter and Switch loss
+    composed from ordinary ops: the same gate, loss and logit gradient (float64)."""
+    from harness.adapters.routing import (
+        TokenBatch,
+        assignment_slots,
+        load_balancing_loss_from_counts,
+        scatter_gate,
+        switch_coefficients,
+        topk_gate,
+        topk_index,
+        topk_softmax,
+    )
+
+    g = torch.Generator().manual_seed(k)
+    n, e = 11, 6
+    base = torch.randn(n, e, generator=g, dtype=torch.float64)
+    mask = torch.tensor([True] * 8 + [False] * 3)
+    gate_mask = (torch.rand(n, k, generator=g) > 0.3).double() * 1.5
+    upstream = torch.randn(n, e, generator=g, dtype=torch.float64)
+    tokens = TokenBatch(mask)
+    index = topk_index(base, k)
+    _, counts = assignment_slots(index, e, mask, tokens)
+
+    fused_logits = base.clone().requires_grad_(True)
+    coef = switch_coefficients(counts, k, tokens, n, 0.7) if with_aux else None
+    gate, aux = topk_gate(fused_logits, index, gate_mask, tokens.weights(n, base.device), coef)
+    loss = (gate * upstream).sum() + (aux if with_aux else 0)
+    loss.backward()
+
+    plain_logits = base.clone().requires_grad_(True)
+    plain_index, weight = topk_softmax(plain_logits, k)
+    assert torch.equal(plain_index, index)
+    plain_gate = scatter_gate(index, weight * gate_mask, e)
+    plain_loss = (plain_gate * upstream).sum()
+    if with_aux:
+        plain_aux = load_balancing_loss_from_counts(torch.softmax(plain_logits, -1), counts, k, tokens, 0.7)
+        torch.testing.assert_close(aux, plain_aux, rtol=1e-12, atol=1e-14)
+        plain_loss = plain_loss + plain_aux
+    else:
+        assert aux is None
+    plain_loss.backward()
+    torch.testing.assert_close(gate, plain_gate, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(fused_logits.grad, plain_logits.grad, rtol=1e-10, atol=1e-12)
+    assert fused_logits.grad.abs().sum() > 0

@@ -99,8 +99,10 @@ class BlockMixtureLayer(AdapterLayer):
         if down.requires_grad != self.router.weight.requires_grad:
             # frozen experts (MoA's stage two): a fused matmul would compute their gradient too
             return F.linear(x, down), None
-        both = F.linear(x, torch.cat([down, self.router.weight]))
-        return both[:, : down.shape[0]], both[:, down.shape[0]:]
+        h, logits = F.linear(x, torch.cat([down, self.router.weight])).split(
+            [down.shape[0], self.num_experts], dim=-1
+        )  # split, not two slices: its gradient is one cat
+        return h, logits
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         """``W_g x`` for the tokens being routed: computed with ``A x`` by :meth:`project`

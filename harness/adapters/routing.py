@@ -117,11 +117,87 @@ def topk_softmax(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     top-1 gate, Fedus et al. 2021).
     """
     if k == 1:
-        probs = torch.softmax(logits, dim=-1)
-        weight, index = probs.max(dim=-1, keepdim=True)  # top-1 without topk's partial sort
-        return index, weight
+        index = logits.detach().argmax(dim=-1, keepdim=True)  # top-1 without topk's partial sort
+        return index, torch.softmax(logits, dim=-1).gather(1, index)
     values, index = logits.topk(k, dim=-1)
     return index, torch.softmax(values, dim=-1)
+
+
+def routing_dtype(logits: torch.Tensor) -> torch.dtype:
+    """Float32 for routing arithmetic (float64 stays float64): bf16 logits are upcast."""
+    return torch.promote_types(logits.dtype, torch.float32)
+
+
+class _TopKGate(torch.autograd.Function):
+    """:func:`topk_gate`'s forward and its gradient by hand: one autograd node instead of
+    the ten or so a top-k softmax, a mask, a scatter and a Switch loss make (each a fixed
+    cost per adapted module per step)."""
+
+    @staticmethod
+    def forward(ctx, logits, index, gate_mask, token_weights, aux_coef):
+        lf = logits.to(routing_dtype(logits))
+        top1 = index.shape[1] == 1
+        probs = torch.softmax(lf, dim=-1) if (top1 or aux_coef is not None) else None
+        y = probs.gather(1, index) if top1 else torch.softmax(lf.gather(1, index), dim=-1)
+        gate = torch.zeros_like(lf).scatter_(1, index, y * gate_mask)
+        aux = s = None
+        if aux_coef is not None:
+            s = probs.mv(aux_coef)  # (N,): sum_e p_te a_e
+            aux = torch.dot(token_weights, s)
+        ctx.save_for_backward(index, gate_mask, y, probs, s, token_weights, aux_coef)
+        ctx.top1, ctx.dtype = top1, logits.dtype
+        ctx.mark_non_differentiable(index)
+        return gate, aux if aux is not None else lf.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad_gate, grad_aux):
+        index, gate_mask, y, probs, s, w, a = ctx.saved_tensors
+        g_y = grad_gate.gather(1, index) * gate_mask if grad_gate is not None else torch.zeros_like(y)
+        if ctx.top1:  # y = p_sel: d/dl = p * (onehot * g_y - y g_y)
+            grad = probs * (torch.zeros_like(probs).scatter_(1, index, g_y) - y * g_y)
+        else:  # y = softmax over the selected logits
+            g_v = y * (g_y - (y * g_y).sum(-1, keepdim=True))
+            grad = torch.zeros(grad_gate.shape, dtype=y.dtype, device=y.device).scatter_(1, index, g_v)
+        if a is not None and grad_aux is not None:
+            grad = grad + (grad_aux * w).unsqueeze(-1) * probs * (a.unsqueeze(0) - s.unsqueeze(-1))
+        return grad.to(ctx.dtype), None, None, None, None
+
+
+def topk_index(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` largest logits' experts per token, ``(N, k)``, best first (no gradient)."""
+    logits = logits.detach()
+    return logits.argmax(dim=-1, keepdim=True) if k == 1 else logits.topk(k, dim=-1).indices
+
+
+def topk_gate(
+    logits: torch.Tensor,
+    index: torch.Tensor,
+    gate_mask: torch.Tensor,
+    token_weights: torch.Tensor | None = None,
+    aux_coef: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The dense ``(N, E)`` gate of a top-``k`` router and, optionally, a Switch-style loss,
+    as one autograd node (float32 inside):
+
+        gate[t, index[t, j]] = y_tj · gate_mask_tj,   y = softmax over the k selected logits
+                                                      (k = 1: the full-softmax probability)
+        aux = sum_t w_t sum_e p_te a_e               (p: softmax over all E logits)
+
+    ``gate_mask`` (``(N, k)``, no gradient): capacity drops and dropout; ``aux_coef`` ``a``
+    (``(E,)``): e.g. ``E · f_e / n`` for Switch's ``E · sum_e f_e P_e`` with ``w`` the token
+    mask (:func:`load_balancing_loss_from_counts` spells it out). Same values and gradients
+    as the composition of :func:`topk_softmax`, a multiply, :func:`scatter_gate` and the
+    loss (tests/test_methods.py checks both).
+    """
+    dtype = routing_dtype(logits)
+    if aux_coef is not None and token_weights is None:
+        token_weights = torch.ones(logits.shape[0], device=logits.device)
+    gate, aux = _TopKGate.apply(
+        logits, index, gate_mask.to(dtype),
+        None if aux_coef is None else token_weights.to(dtype),
+        None if aux_coef is None else aux_coef.to(dtype),
+    )
+    return gate, (aux if aux_coef is not None else None)
 
 
 def scatter_gate(index: torch.Tensor, weight: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -216,7 +292,7 @@ def assignment_slots(
     flat = index.detach().t().reshape(1, k * n)  # choice rank major
     running = torch.zeros(n_experts, k * n, device=index.device).scatter_(0, flat, valid).cumsum(1)
     slots = running.gather(0, flat) + pad
-    return slots.view(k, n).t(), running[:, -1]
+    return slots.view(k, n).t(), running[:, -1]  # (N, k) as a transposed view
 
 
 def capacity_keep(
@@ -250,8 +326,21 @@ def load_balancing_loss(
     return n_experts * torch.sum(f * masked_mean(probs, token_mask))
 
 
+def switch_coefficients(
+    counts: torch.Tensor, top_k: int, tokens: TokenBatch, n_tokens: int, weight: float = 1.0
+) -> torch.Tensor:
+    """``a_e = weight · E · counts_e / (k n²)``: Switch's loss is then ``sum_t w_t sum_e p_te a_e``
+    (see :func:`load_balancing_loss_from_counts`); the scalar factor is shared by the forward's layers."""
+    n_experts = counts.shape[0]
+    factor = tokens.memo(
+        ("switch", n_tokens, n_experts, top_k, weight),
+        lambda: weight * n_experts / (top_k * tokens.count(n_tokens, counts.device) ** 2).clamp_min(1.0),
+    )
+    return counts * factor
+
+
 def load_balancing_loss_from_counts(
-    probs: torch.Tensor, counts: torch.Tensor, top_k: int, tokens: TokenBatch
+    probs: torch.Tensor, counts: torch.Tensor, top_k: int, tokens: TokenBatch, weight: float = 1.0
 ) -> torch.Tensor:
     """:func:`load_balancing_loss` (before capacity) from the per-expert assignment
     ``counts`` of :func:`assignment_slots`. With ``n`` real tokens, ``f_e = counts_e / (k n)``
@@ -259,15 +348,13 @@ def load_balancing_loss_from_counts(
 
         L_aux = E · sum_e f_e P_e = E / (k n²) · counts · (Pᵀ w)
 
-    (one matrix-vector product over the tokens; the factor is shared by the step's layers).
+    (one matrix-vector product over the tokens), times the loss ``weight``; the factor is
+    computed once per forward and shared by its layers.
     """
-    n_tokens, n_experts = probs.shape
+    n_tokens = probs.shape[0]
     w = tokens.weights(n_tokens, probs.device).to(probs.dtype)
-    factor = tokens.memo(
-        ("switch", n_tokens, n_experts, top_k),
-        lambda: n_experts / (top_k * tokens.count(n_tokens, probs.device) ** 2).clamp_min(1.0),
-    )
-    return torch.dot(counts.to(probs.dtype), probs.t().mv(w)) * factor
+    coef = switch_coefficients(counts, top_k, tokens, n_tokens, weight)
+    return torch.dot(coef.to(probs.dtype), probs.t().mv(w))
 
 
 @dataclass
