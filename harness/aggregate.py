@@ -52,6 +52,8 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from harness.comparisons import (
+    power_table,
+    power_texts,
     significance_caption,
     significance_display,
     significance_table,
@@ -74,6 +76,7 @@ from harness.report import budget_frame, budget_table_texts, verified_budget
 from harness.results import (
     StudyResults,
     collect_results,
+    primary_metrics,
     reference_key,
     row_label,
     variant_key,
@@ -221,24 +224,58 @@ def _main_caption(plan: StudyPlan, table: pd.DataFrame, cache_build_s: float = 0
            if "effective_experts" in table and table["effective_experts"].notna().any() else "")
         + note
         + (
-            f" Training times exclude the one-time build of the frozen lower-layer cache "
-            f"({cache_build_s:.0f} s in all, shared by every run)."
+            f" Training times exclude the frozen lower-layer cache: its one-time build "
+            f"({cache_build_s:.0f} s in all, shared by every run), a wait for it and its loading."
             if cache_build_s
             else ""
         )
     )
 
 
+def lm_eval_metrics_table(results: StudyResults) -> pd.DataFrame:
+    """lm-eval's ``acc`` and ``acc_norm`` per task, mean over seeds (%), one row per method
+    x variant (the main table shows each task's primary metric only)."""
+    runs = results.runs
+    records = []
+    for key in results.keys:
+        group = runs[runs["key"] == key]
+        if group.empty:
+            continue
+        first = group.iloc[0]
+        record = {"method": row_label(results.plan, first["method"], first["variant"])}
+        for task in results.tasks:
+            for metric in ("acc", "acc_norm"):
+                col = f"lm:{metric}:{task}"
+                values = group[col].astype(float) if col in group else pd.Series(dtype=float)
+                record[f"{task} {metric}"] = values.mean() * 100 if values.notna().any() else math.nan
+        records.append(record)
+    return pd.DataFrame.from_records(records)
+
+
 def main_table_texts(results: StudyResults, table: pd.DataFrame | None = None) -> dict[str, str]:
-    """``{"csv", "md", "tex"}`` of the main table."""
+    """``{"csv", "md", "tex"}`` of the main table (task columns headed with their primary
+    metric), the Markdown followed by lm-eval's acc and acc_norm per task."""
     table = main_table(results) if table is None else table
     caption = _main_caption(results.plan, table, results.cache_build_s)
-    md = _main_display(table, results.tasks, md_bold)
-    tex = _main_display(table, results.tasks, lambda s: "\x00" + s + "\x01")
+    primary = primary_metrics(results)
+    headers = {t: f"{t} ({primary.get(t, 'acc')})" for t in results.tasks}
+    md = _main_display(table, results.tasks, md_bold).rename(columns=headers)
+    tex = _main_display(table, results.tasks, lambda s: "\x00" + s + "\x01").rename(columns=headers)
     tex = tex.map(lambda s: tex_escape(s).replace("\x00", r"\textbf{").replace("\x01", "}"))
+    both = lm_eval_metrics_table(results)
+    both_md = ""
+    if not both.empty and both.drop(columns="method").notna().any().any():
+        shown = both.copy()
+        for col in shown.columns[1:]:
+            shown[col] = shown[col].map(lambda v: "–" if pd.isna(v) else fmt_acc(v))
+        both_md = (
+            "\n\nlm-eval's `acc` and `acc_norm` per task (%, mean over seeds), as its own results "
+            "report them; the table above shows each task's primary metric.\n\n"
+            + shown.to_markdown(index=False, disable_numparse=True)
+        )
     return {
         "csv": table.to_csv(index=False),
-        "md": caption + "\n\n" + md.to_markdown(index=False) + "\n",
+        "md": caption + "\n\n" + md.to_markdown(index=False) + both_md + "\n",
         "tex": to_latex(tex, caption, "tab:main", escaped=True),
     }
 
@@ -246,13 +283,15 @@ def main_table_texts(results: StudyResults, table: pd.DataFrame | None = None) -
 # -- significance and the granularity trend (harness.comparisons) ----------------------------
 
 
-def significance_texts(plan: StudyPlan, table: pd.DataFrame) -> dict[str, str]:
-    caption = significance_caption(plan, table)
+def significance_texts(plan: StudyPlan, table: pd.DataFrame, family: str = "methods") -> dict[str, str]:
+    caption = significance_caption(plan, table, family)
     shown = significance_display(table)
+    md = shown.to_markdown(index=False) if not shown.empty else "(no comparison: the study has no base run)"
     return {
         "csv": table.to_csv(index=False),
-        "md": caption + "\n\n" + shown.to_markdown(index=False) + "\n",
-        "tex": to_latex(shown, caption, "tab:significance"),
+        "md": caption + "\n\n" + md + "\n",
+        "tex": to_latex(shown, caption, f"tab:{'training_gain' if family == 'training' else 'significance'}")
+        if not shown.empty else "% no comparison\n",
     }
 
 
@@ -336,7 +375,9 @@ def write_tables(
         "main_table": main_table_texts(results),
         "budget_table": budget_table_texts(plan, budget_frame(plan)),
         "significance": significance_texts(plan, significance_table(results)),
+        "training_gain": significance_texts(plan, significance_table(results, "training"), "training"),
         "granularity_trend": trend_texts(plan, trend_table(results)),
+        "power": power_texts(plan, power_table(results)),
     }
     sharing = sharing_table(results)
     if not sharing.empty:

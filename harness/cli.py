@@ -1,7 +1,7 @@
 """``python -m harness <command>``: the entry points the Snakefile's thin rules call.
 
-Commands: methods, budget, plan, data, train, evaluate, summary, compose, tables,
-figures, bench. Every command validates its config first and exits with a
+Commands: methods, budget, check, status, plan, data, train, evaluate, restore, summary,
+identity, compose, tables, figures, bench. Every command validates its config first and exits with a
 one-paragraph message (status 2) on bad input instead of a traceback.
 """
 

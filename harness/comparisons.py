@@ -13,7 +13,8 @@ The family (one Holm correction over all of it):
 
 * every method x variant against the reference at rank R (LoRA, the same total parameters);
 * per method run at several granularities, its finest against its coarsest granularity;
-* per method, its best variant against the best variant of any other trained method.
+* per method, its best variant against the best variant of any other trained method;
+* an ablation (a method with ``ablation_of``) against its parent at each shared granularity.
 
 Verdict: "better" / "worse" only where the Holm-adjusted p-value is below 0.05 **and** the
 family-wise (Bonferroni) interval excludes zero, so a claimed difference always has a
@@ -33,12 +34,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from harness.adapters import get_method
 from harness.results import StudyResults, base_key, reference_key, row_label, variant_key
 from harness.stats import (
     SHAPE_RULE,
     UNIT_STRATIFIED,
+    ci_half_width,
+    estimate_components,
     granularity_trend,
     paired_bootstrap,
+    seeds_needed,
     task_weights,
     verdicts,
 )
@@ -123,6 +128,12 @@ def comparison_pairs(results: StudyResults) -> list[dict[str, Any]]:
         if len({g for g, _ in variants}) >= 2:
             coarse, fine = min(variants)[1], max(variants)[1]
             out.append({"comparison": "finest vs coarsest G", "key": fine, "versus": coarse})
+    for row in plan.rows:
+        parent = get_method(row.method).ablation_of
+        if parent:
+            key, versus = variant_key(row.method, row.variant.tag), variant_key(parent, row.variant.tag)
+            if key in results.keys and versus in results.keys:
+                out.append({"comparison": f"ablation vs {parent}", "key": key, "versus": versus})
     trained = [k for k in results.keys if k != base]
     best: dict[str, str] = {}
     for key in trained:
@@ -137,13 +148,26 @@ def comparison_pairs(results: StudyResults) -> list[dict[str, Any]]:
     return out
 
 
-def significance_table(results: StudyResults) -> pd.DataFrame:
-    """One row per comparison of the family: ``comparison, label, versus, method, variant,
+def training_gain_pairs(results: StudyResults) -> list[dict[str, Any]]:
+    """A second family: every trained method x variant against the untrained base model
+    (does training move the suite at all, and by more than the noise?)."""
+    base = base_key(results.plan)
+    if base is None or base not in results.keys:
+        return []
+    return [{"comparison": "vs base model", "key": key, "versus": base} for key in results.keys if key != base]
+
+
+def significance_table(results: StudyResults, family: str = "methods") -> pd.DataFrame:
+    """One row per comparison of a family: ``comparison, label, versus, method, variant,
     n_seeds, n_items, diff, ci_low, ci_high, p_value, p_holm, ci_family_low,
-    ci_family_high, verdict`` (differences in percentage points of the suite score)."""
+    ci_family_high, verdict`` (differences in percentage points of the suite score).
+    ``family``: ``methods`` (:func:`comparison_pairs`) or ``training`` (each trained run
+    against the base model, :func:`training_gain_pairs`), each Holm-corrected on its own."""
     plan = results.plan
     scores = {key: item_scores(results, key) for key in results.keys}
-    pairs = comparison_pairs(results)
+    if family not in ("methods", "training"):
+        raise ValueError(f"family must be 'methods' or 'training', got {family!r}")
+    pairs = comparison_pairs(results) if family == "methods" else training_gain_pairs(results)
     raw = []
     for spec in pairs:
         paired = _paired(scores.get(spec["key"]), scores.get(spec["versus"]))
@@ -233,6 +257,71 @@ def trend_table(results: StudyResults) -> pd.DataFrame:
     return pd.DataFrame.from_records(records)
 
 
+#: the interval half-width (percentage points) the power table asks how many seeds reach
+TARGET_HALF_WIDTH = 3.0
+
+
+def power_table(results: StudyResults, target: float = TARGET_HALF_WIDTH) -> pd.DataFrame:
+    """How many seeds the family's comparisons need: per comparison run on >= 2 seeds, the
+    variance components of the paired difference (between seeds, and over test items) from
+    the stored per-item scores (:func:`harness.stats.estimate_components`, as the crossed
+    bootstrap will see them), the expected 95% half-width at this study's seeds and at
+    twice as many, the seeds for a half-width of ``target`` pp and the seeds for the
+    half-width to fall below the observed difference (``None``: more seeds cannot reach it
+    on this test set; more test items would)."""
+    scores = {key: item_scores(results, key) for key in results.keys}
+    records = []
+    for spec in comparison_pairs(results):
+        paired = _paired(scores.get(spec["key"]), scores.get(spec["versus"]))
+        if paired is None or paired[0].shape[0] < 2 or spec["versus"] == base_key(results.plan):
+            continue
+        a, b, groups = paired
+        w = task_weights(groups)
+        var_seed, var_item = estimate_components(a * 100, b * 100, weights=w, groups=groups)
+        n_seeds, n_items = a.shape
+        diff = float(((a - b) * 100 @ w).mean())
+        records.append({
+            "comparison": spec["comparison"],
+            "label": row_label(results.plan, *spec["key"].split("-", 1)),
+            "versus": row_label(results.plan, *spec["versus"].split("-", 1)),
+            "n_seeds": n_seeds,
+            "diff": diff,
+            "sd_seed": math.sqrt(var_seed),
+            "half_width": ci_half_width(var_seed, var_item, n_seeds, n_items),
+            "half_width_2x": ci_half_width(var_seed, var_item, 2 * n_seeds, n_items),
+            "seeds_for_target": seeds_needed(target, var_seed, var_item, n_items),
+            "seeds_to_resolve": seeds_needed(abs(diff), var_seed, var_item, n_items) if abs(diff) > 0 else None,
+        })
+    return pd.DataFrame.from_records(records)
+
+
+def power_texts(plan: StudyPlan, table: pd.DataFrame, target: float = TARGET_HALF_WIDTH) -> dict[str, str]:
+    caption = (
+        f"Study {plan.config['study']}: seeds the comparisons need (harness.stats.estimate_components "
+        "on the stored per-item scores; normal approximation of the crossed bootstrap's 95% interval, "
+        f"same test items). Half-width at this study's seeds and at twice as many; seeds for a "
+        f"half-width of {target:g} pp; seeds for the half-width to fall below the observed difference "
+        "(– : more seeds cannot, on this test set). Uncorrected for the number of comparisons."
+    )
+    if table.empty:
+        return {"csv": "", "md": caption + "\n\n(no comparison with two or more seeds)\n"}
+    def seeds(v):
+        return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else str(int(v))
+    shown = pd.DataFrame({
+        "comparison": table["comparison"],
+        "method": table["label"],
+        "versus": table["versus"],
+        "seeds": table["n_seeds"].astype(str),
+        "diff (pp)": table["diff"].map(lambda v: f"{v:+.1f}"),
+        "seed sd (pp)": table["sd_seed"].map(lambda v: f"{v:.1f}"),
+        "± now": table["half_width"].map(lambda v: f"{v:.1f}"),
+        "± at 2x seeds": table["half_width_2x"].map(lambda v: f"{v:.1f}"),
+        f"seeds for ±{target:g}": table["seeds_for_target"].map(seeds),
+        "seeds to resolve diff": table["seeds_to_resolve"].map(seeds),
+    })
+    return {"csv": table.to_csv(index=False), "md": caption + "\n\n" + shown.to_markdown(index=False) + "\n"}
+
+
 def _pp(v: Any, sign: bool = True) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
@@ -268,10 +357,12 @@ def significance_display(table: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def significance_caption(plan: StudyPlan, table: pd.DataFrame) -> str:
+def significance_caption(plan: StudyPlan, table: pd.DataFrame, family: str = "methods") -> str:
     m = int(table["diff"].notna().sum()) if len(table) else 0
+    what = ("each trained method x variant against the untrained base model (a family of its own): "
+            if family == "training" else "")
     return (
-        f"Study {plan.config['study']}: differences of the suite score (percentage points, the "
+        f"Study {plan.config['study']}: {what}differences of the suite score (percentage points, the "
         f"mean over tasks of each task's primary metric), {len(plan.config['train']['seeds'])} "
         f"seed(s). Unit of resampling: {UNIT}; paired (the same seeds and items for both sides), "
         f"{N_BOOT:,} replicates, seed {SEED}. 95% CI: percentile interval; p: two-sided bootstrap "

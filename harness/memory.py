@@ -79,7 +79,7 @@ Terms (bytes; :func:`estimate_memory` returns each in GiB)
 
     * inputs: under autocast every matmul with an fp32 weight saves its own bf16 copy of
       its input: ``sum_m n_calls(m) · d_in(m) · c`` with ``n_calls`` = 1 (LoRA's or the
-      experts' stacked A, MALoRA's S) + 1 with a router. Without autocast the modules
+      experts' stacked A and the router as one matmul, MALoRA's S and the router). Without autocast the modules
       that read the same tensor share it: ``(2·h + q + I) · f`` for all seven
       projections (q/k/v read the first norm's output, o the attention output,
       gate/up the second norm's output, down the SwiGLU product); fewer when fewer
@@ -87,11 +87,16 @@ Terms (bytes; :func:`estimate_memory` returns each in GiB)
     * ranks: ``sum_m (W · c)`` for a plain LoRA (``B`` saves ``A x``); ``2 · W · c`` for a
       gated mixture (``A x`` kept by the gate product, the gated ``A x`` by ``B``): the
       intermediate of width ``E·r`` per token per module; MALoRA adds ``r_s · c`` (``S x``);
-    * routing (routed methods): top-k routers ``2 · E · f + k · (8 + f)``: the (N, E)
-      router probabilities and dense gate in fp32, the top-k indices (int64) and
-      weights; dense (soft) routers ``E · f``: the softmax output is the gate; a
-      load-balancing loss on the router probabilities (SiRA's ``aux_loss_weight > 0``)
-      adds ``E · f`` for its own softmax.
+    * routing (routed methods): top-k routers ``3 · E · c + 2 · 8 · k``: the (N, E)
+      router scores, probabilities and dense gate and the top-k indices (int64,
+      saved by the gather of the weights and by the scatter into the gate; SiRA's fused
+      gate-and-auxiliary-loss node saves about as much); dense (soft) routers
+      ``2 · E · c``: the softmax output and the scaled gate;
+``fused_weight_copies`` (routed methods, a per-module constant, not per token): the router
+    and the first projection run as one matmul of their concatenated weights
+    ``d_in · (W + E) · f`` (MALoRA: ``d_in · (r_s + E) · f``), which autograd saves;
+    with gradient checkpointing only the recomputed layer's. Under autocast the saved
+    copy is the bf16 cast, already in ``autocast_weight_copies``.
 ``backward_transient``
     ``N · (A_layer + A_adapters)``: while one layer's backward runs, the gradients of its
     activations are about as large as the activations themselves (an approximation).
@@ -319,21 +324,21 @@ def activation_bytes_per_token(
     a_layer = norms + attn + mlp
 
     gated = (num_experts > 1 or routed) if gated is None else gated
-    n_calls = 1 + (1 if routed else 0)
     per_layer: dict[str, float] = {}
     shared_inputs: dict[str, set[str]] = {}
+    fused_weights = 0.0
     for name in module_names:
         d_in, _ = dims.module_shape(name)
         layer = _layer_of(name)
         b = (2 if gated else 1) * rank_width * c + shared_rank * c
         if routed and top_k is not None:
-            b += 2 * num_experts * f + top_k * (8 + f)
-        elif routed:  # soft routing: the softmax output is the dense gate
-            b += num_experts * f
-        if routed and aux_loss:
-            b += num_experts * f
+            b += 3 * num_experts * c + 2 * 8 * top_k
+        elif routed:  # soft routing: the softmax output and the scaled dense gate
+            b += 2 * num_experts * c
+        if routed and not autocast:  # one matmul of the concatenated router and first weights
+            fused_weights += d_in * ((shared_rank or rank_width) + num_experts) * f
         if autocast:
-            b += n_calls * d_in * c
+            b += d_in * c
         else:
             group, width = dims.input_group(name)
             seen = shared_inputs.setdefault(layer, set())
@@ -345,7 +350,7 @@ def activation_bytes_per_token(
         per_layer[layer] = per_layer.get(layer, 0.0) + b
     a_adapters = sum(per_layer.values()) / len(per_layer) if per_layer else 0.0
     return {"layer": a_layer, "adapters": a_adapters, "norm": (h + 1) * f,
-            "adapted_layers": len(per_layer)}
+            "adapted_layers": len(per_layer), "fused_weights": fused_weights}
 
 
 def estimate_memory(
@@ -416,6 +421,9 @@ def estimate_memory(
         # the final norm's input and the first layer's first norm (nothing: no gradient) cancel
         stored = layers_with_grad * per_token["layer"] + per_token["adapted_layers"] * per_token["adapters"]
     positions = batch_size if answer_positions is None else answer_positions
+    fused = per_token["fused_weights"]
+    if gradient_checkpointing:  # one layer's weights at a time, while it is recomputed
+        fused /= max(1, per_token["adapted_layers"])
     activations = tokens * stored + positions * dims.vocab * 4
     if optimizer == "adamw":
         states = 8 * total
@@ -430,6 +438,7 @@ def estimate_memory(
         "optimizer_states": states,
         "autocast_weight_copies": 2 * total if autocast else 0,
         "activations": activations,
+        "fused_weight_copies": fused,
         "backward_transient": tokens * one_layer,
         "cuda_context": cuda_context_gib * GIB,
     }

@@ -47,7 +47,8 @@ class StudyResults:
     ``runs``: one row per run (``run_id, key, method, variant, granularity, seed,
     suite_acc, metric:<name>... (a method's scalar evaluation metrics, e.g. a router's
     accuracy), effective_experts, acc:<task>... (each task's primary metric: acc or
-    acc_norm), total, activated, router, train_s, eval_s, final_loss``), accuracies as
+    acc_norm), lm:<metric>:<task>... (lm-eval's acc, acc_stderr, acc_norm, acc_norm_stderr),
+    total, activated, router, train_s, eval_s, final_loss``), accuracies as
     fractions in [0, 1]. ``curves``: one row per logged training step
     (``run_id, key, method, variant, granularity, seed, step, loss``). ``loads``: the last
     logged expert load of each routed run, one row per (run, layer, expert)
@@ -177,6 +178,20 @@ def _raise_missing(plan: StudyPlan, missing: list[tuple[str, str]]) -> None:
     )
 
 
+#: the per-task numbers lm-eval reports that the summary and the main table show beside the
+#: primary score
+LM_EVAL_METRICS = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
+
+
+def primary_metrics(results: StudyResults) -> dict[str, str]:
+    """Each task's primary metric (``acc`` or ``acc_norm``) as the evaluations recorded it."""
+    out: dict[str, str] = {}
+    for metrics in results.metrics.values():
+        for task, value in (metrics.get("tasks") or {}).items():
+            out.setdefault(task, value.get("primary", "acc"))
+    return out
+
+
 def task_score(value: dict[str, Any]) -> float | None:
     """A task's reported score: its primary metric (``score``; results written before the
     primary metric existed report ``acc``)."""
@@ -195,9 +210,14 @@ def suite_score(metrics: dict[str, Any]) -> float:
 
 
 def train_seconds(train: dict[str, Any]) -> float:
-    """A run's training wall time without the one-time lower-layer cache build it may have
-    done for the whole study (``timing.train_s``; older results: ``wall_s``)."""
+    """A run's training wall time without the lower-layer cache: ``timing.wall_s`` minus
+    ``lower_layer_cache.seconds`` (building the study's cache, waiting for another job to
+    build it, or loading it), so a run that waited for the one-time build is not charged
+    for it (older results: ``timing.train_s``, else ``wall_s``)."""
     timing = train.get("timing") or {}
+    cache = train.get("lower_layer_cache") or {}
+    if "wall_s" in timing and cache.get("seconds") is not None:
+        return round(float(timing["wall_s"]) - float(cache["seconds"]), 3)
     return timing.get("train_s", timing.get("wall_s", math.nan))
 
 
@@ -258,6 +278,12 @@ def collect_results(plan: StudyPlan, logs: bool = False) -> StudyResults:
             },
             "effective_experts": metrics.get("effective_experts"),
             **{f"acc:{t}": task_score(v) for t, v in metrics.get("tasks", {}).items()},
+            # lm-eval's own numbers beside the primary score: acc, acc_norm and their stderr
+            **{
+                f"lm:{m}:{t}": v.get(m)
+                for t, v in metrics.get("tasks", {}).items()
+                for m in LM_EVAL_METRICS
+            },
             "total": None,  # the base model has no adapter
             "activated": None,
             "router": None,

@@ -457,9 +457,11 @@ def compare_family(
 
 
 SHAPE_RULE = (
-    "peaks in the middle: bump CI > 0; dips in the middle: bump CI < 0; otherwise "
-    "rises: slope CI > 0; falls: slope CI < 0; otherwise flat within noise "
-    "(two-sided 1-alpha percentile CIs; bump only with >= 3 granularities)"
+    "peaks in the middle: CI of (middle - higher end) > 0; dips in the middle: CI of "
+    "(lower end - middle) > 0; otherwise rises: slope CI > 0; falls: slope CI < 0; otherwise "
+    "flat within noise; a rise or fall is 'concave' (gains shrink with G) when the bump CI > 0 "
+    "and 'convex' when it is < 0 (two-sided 1-alpha percentile CIs; bump, peak and dip only "
+    "with >= 3 granularities)"
 )
 
 
@@ -487,9 +489,13 @@ def granularity_trend(
     CIs, p-values and ``se`` come from the crossed bootstrap of the module docstring, paired
     across granularities: in one replicate every ``G`` uses the same seed and item indices.
     ``shape`` (rule also in ``SHAPE_RULE``), from the (1 - alpha) percentile intervals:
-    "peaks in the middle" if the bump interval is above 0, "dips in the middle" if below 0;
-    otherwise "rises" if the slope interval is above 0, "falls" if below 0; otherwise
-    "flat within noise". (The two intervals are not corrected for being two.)
+    "peaks in the middle" if ``m_mid - max(m_smallest, m_largest)`` is above 0 (the middle
+    beats both ends), "dips in the middle" if ``min(m_smallest, m_largest) - m_mid`` is above
+    0; otherwise "rises" if the slope interval is above 0, "falls" if below 0, with ", concave"
+    when the bump interval is above 0 (the curve bends down: each doubling of G adds less)
+    and ", convex" when below 0; otherwise "flat within noise". A rising curve with a positive
+    bump is *not* a peak: 50, 75, 83 rises, concave. (The intervals are not corrected for
+    being several.)
 
     Returns ``granularities, log2_g, means {G: m_G}, mean_ci {G: (lo, hi)}, slope,
     slope_ci_low, slope_ci_high, slope_p, slope_se, bump, bump_ci_low, bump_ci_high, bump_p,
@@ -539,9 +545,14 @@ def granularity_trend(
         "slope_p": s_slope["p_value"],
         "slope_se": s_slope["se"],
     }
+    peak = dip = None
     if gamma is not None:
         bump = float(gamma @ means)
         s_bump = _summary(bump, gamma @ reps, alpha, tol)
+        mid = reps[k // 2] if k % 2 else (reps[k // 2 - 1] + reps[k // 2]) / 2
+        m_mid = float(gamma @ means + (means[0] + means[-1]) / 2)
+        peak = _summary(m_mid - max(means[0], means[-1]), mid - np.maximum(reps[0], reps[-1]), alpha, tol)
+        dip = _summary(min(means[0], means[-1]) - m_mid, np.minimum(reps[0], reps[-1]) - mid, alpha, tol)
         out.update(
             {
                 "bump": bump,
@@ -561,14 +572,16 @@ def granularity_trend(
                 "bump_se": None,
             }
         )
-    if gamma is not None and out["bump_ci_low"] > tol:
+    if peak is not None and peak["ci_low"] > tol:
         word = "peaks in the middle"
-    elif gamma is not None and out["bump_ci_high"] < -tol:
+    elif dip is not None and dip["ci_low"] > tol:
         word = "dips in the middle"
-    elif out["slope_ci_low"] > tol:
-        word = "rises"
-    elif out["slope_ci_high"] < -tol:
-        word = "falls"
+    elif out["slope_ci_low"] > tol or out["slope_ci_high"] < -tol:
+        word = "rises" if out["slope_ci_low"] > tol else "falls"
+        if gamma is not None and out["bump_ci_low"] > tol:
+            word += ", concave"
+        elif gamma is not None and out["bump_ci_high"] < -tol:
+            word += ", convex"
     else:
         word = "flat within noise"
     out.update(

@@ -11,16 +11,27 @@ from harness.io import atomic_write_text
 from harness.results import collect_results
 
 
+def _column(name: str) -> str:
+    if name.startswith("metric:"):
+        return name.removeprefix("metric:")
+    if name.startswith("acc:"):  # the task's primary metric (acc or acc_norm)
+        return "score_" + name.removeprefix("acc:")
+    if name.startswith("lm:"):  # lm-eval's own: acc_<task>, acc_norm_stderr_<task>, ...
+        _, metric, task = name.split(":", 2)
+        return f"{metric}_{task}"
+    return name
+
+
 def summary_frame(plan) -> pd.DataFrame:
     """``run_id, method, variant, granularity, seed, suite_acc``, the methods' scalar
     evaluation metrics (e.g. ``router_accuracy``; only columns some run reports),
-    ``acc_<task>`` per task, ``total, activated, router, final_loss, train_s, eval_s``."""
+    ``score_<task>`` per task (its primary metric, the one the suite averages), then
+    lm-eval's ``acc_<task>``, ``acc_stderr_<task>``, ``acc_norm_<task>``,
+    ``acc_norm_stderr_<task>``, and ``total, activated, router, final_loss, train_s, eval_s``."""
     runs = collect_results(plan).runs.drop(columns=["key"])
-    metric_cols = [c for c in runs if c.startswith("metric:")]
-    runs = runs.drop(columns=[c for c in metric_cols if runs[c].isna().all()])
-    runs = runs.rename(
-        columns=lambda c: c.removeprefix("metric:") if c.startswith("metric:") else c.replace("acc:", "acc_", 1)
-    )
+    optional = [c for c in runs if c.startswith(("metric:", "lm:"))]
+    runs = runs.drop(columns=[c for c in optional if runs[c].isna().all()])
+    runs = runs.rename(columns=_column)
     tail = ["total", "activated", "router", "final_loss", "train_s", "eval_s"]
     head = [c for c in runs if c not in tail]
     return runs[head + tail]

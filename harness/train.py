@@ -505,6 +505,7 @@ def run_summary(run, run_dir: Path, setup: RunSetup, state: LoopState, train_cfg
     all_losses = [json.loads(line)["loss"] for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     count = handle.analytic_count()
     steps = state.step_times
+    wall_s = round(time.perf_counter() - wall_start, 3)
     return {
         "run_id": run.run_id,
         "method": run.method,
@@ -536,11 +537,10 @@ def run_summary(run, run_dir: Path, setup: RunSetup, state: LoopState, train_cfg
         },
         "resumed_from_step": state.resumed_from,
         "timing": {
-            "wall_s": round(time.perf_counter() - wall_start, 3),
-            # wall time without a one-time cache build this job happened to do for the study
-            "train_s": round(time.perf_counter() - wall_start - (
-                setup.cache_seconds if setup.cache is not None and setup.cache.built_here else 0.0
-            ), 3),
+            "wall_s": wall_s,
+            # wall time without the lower-layer cache (built here, waited for or loaded):
+            # the one-time build is the study's, not this run's
+            "train_s": round(wall_s - round(setup.cache_seconds, 3), 3),
             "cache_build_s": round(setup.cache_seconds, 3)
             if setup.cache is not None and setup.cache.built_here else 0.0,
             "train_loop_s": round(sum(steps), 3),

@@ -112,6 +112,16 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_identity(args: argparse.Namespace) -> int:
+    from harness.identity import compare_with_base, write_identity
+
+    _, plan = plan_from_file(args.config)
+    report = compare_with_base(plan, args.batch_size)
+    paths = write_identity(plan, report)
+    print(paths[1].read_text(), end="")
+    return 0
+
+
 def cmd_compose(args: argparse.Namespace) -> int:
     from harness.compose import compose, parse_options
 
@@ -183,6 +193,15 @@ def add_commands(sub) -> None:
     p = sub.add_parser("summary", help="one row per run with the suite's mean score (CSV, Markdown)")
     p.add_argument("--config", required=True, metavar="FILE", help="study config (YAML)")
     p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser(
+        "identity",
+        help="score the base model with lm-eval's own `hf` model on the study's task YAMLs and "
+        "compare with the harness's base run (acc and acc_norm per task)",
+    )
+    p.add_argument("--config", required=True, metavar="FILE", help="study config (YAML)")
+    p.add_argument("--batch-size", type=int, default=None, help="lm-eval batch size (default: eval.batch_size)")
+    p.set_defaults(func=cmd_identity)
 
     p = sub.add_parser(
         "compose",

@@ -260,7 +260,10 @@ def test_best_value_is_marked_on_the_right_cell(plan):
     assert {label[i] for i in best["beta"]} == {"SMoRA G=4"}
     assert {label[i] for i in best["suite_mean"]} == {"SiRA G=4"}
     texts = main_table_texts(results, table)
-    md_rows = {line.split("|")[1].strip(): line for line in texts["md"].splitlines() if "|" in line}
+    main_md, _, lm_eval_md = texts["md"].partition("lm-eval's `acc` and `acc_norm` per task")
+    md_rows = {line.split("|")[1].strip(): line for line in main_md.splitlines() if "|" in line}
+    # the second table: lm-eval's own acc per task, no bold
+    assert "| alpha acc " in lm_eval_md and "**" not in lm_eval_md
     assert "**71.0**" in md_rows["SiRA G=4"] and "**67.0 ± 2.8**" in md_rows["SiRA G=4"]
     assert "**69.0**" in md_rows["SMoRA G=4"] and "**" not in md_rows["LoRA r=4 (rank R)"]
     assert sum(line.count("**") for line in md_rows.values()) == 6  # three bold cells
@@ -329,7 +332,7 @@ def test_granularity_trend_has_a_slope_per_doubling_with_its_interval(plan):
     g4 = statistics.mean(suite("sira-G4", s) for s in (0, 1)) * 100
     assert sira["slope"] == pytest.approx(g4 - g2)  # two points one doubling apart
     assert sira["slope_ci_low"] <= sira["slope"] <= sira["slope_ci_high"]
-    assert sira["shape"] in ("rises", "flat within noise")
+    assert sira["shape"].split(",")[0] in ("rises", "flat within noise")
 
 
 def test_missing_runs_are_named_not_dropped(plan):
@@ -499,3 +502,53 @@ def test_snakemake_figures_schedules_no_training_when_results_exist(tmp_path, sh
     assert proc.returncode == 0, output
     jobs = _job_stats(output)
     assert jobs == {"figures": 1, "tables": 1, "total": 2}, output
+
+
+def test_power_table_projects_half_widths_and_seeds_from_the_stored_item_scores(plan):
+    import pandas as pd
+
+    from harness.comparisons import power_table
+    from harness.results import row_label
+    from harness.stats import ci_half_width, estimate_components, task_weights
+
+    results = collect_results(plan)
+    power = power_table(results, target=3.0)
+    sig = significance_table(results)
+    # one row per comparison of the family that ran on >= 2 seeds (all here: none is vs the base model)
+    assert len(power) == len(sig) and set(power["label"]) == set(sig["label"])
+    for row in power.to_dict("records"):
+        assert row["n_seeds"] == 2
+        assert row["half_width_2x"] < row["half_width"]
+        if row["seeds_for_target"] is not None and not pd.isna(row["seeds_for_target"]):
+            assert 2 <= row["seeds_for_target"] <= 64
+    # the numbers are the stats module's, on the same paired scores
+    from harness.comparisons import _paired, item_scores
+
+    first = power.iloc[0]
+    key = next(k for k in results.keys if row_label(plan, *k.split("-", 1)) == first["label"])
+    versus = next(k for k in results.keys if row_label(plan, *k.split("-", 1)) == first["versus"])
+    a, b, groups = _paired(item_scores(results, key), item_scores(results, versus))
+    vs, vi = estimate_components(a * 100, b * 100, weights=task_weights(groups), groups=groups)
+    assert first["half_width"] == pytest.approx(ci_half_width(vs, vi, 2, a.shape[1]))
+
+
+def test_training_gain_is_its_own_family_against_the_base_model(plan):
+    results = collect_results(plan)
+    gain = significance_table(results, "training")
+    methods = significance_table(results)
+    trained = sorted(set(methods["label"]) | set(methods["versus"]))
+    assert sorted(gain["label"]) == trained and set(gain["versus"]) == {"base model (untrained)"}
+    assert set(gain["comparison"]) == {"vs base model"}
+    for row in gain.to_dict("records"):
+        key = _key_of(row["label"])
+        expected = statistics.mean(suite(key, s) - suite("base-G0", 0) for s in (0, 1)) * 100
+        assert row["diff"] == pytest.approx(expected, abs=1e-9)
+        assert row["ci_low"] <= row["diff"] <= row["ci_high"]
+    # Holm within each family: neither family's size widens the other's corrections
+    from harness.aggregate import significance_texts
+
+    assert f"family of {len(methods)} comparisons" in significance_texts(plan, methods)["md"]
+    assert f"family of {len(gain)} comparisons" in significance_texts(plan, gain, "training")["md"]
+    with pytest.raises(ValueError, match="family must be 'methods' or 'training'"):
+        significance_table(results, "everything")
+

@@ -205,7 +205,7 @@ def test_smora_bias_updates_equal_after_each_step(E, r, k):
 @pytest.mark.parametrize("E,r,k", SMORA_SETTINGS)
 def test_smora_differs_gate_includes_bias(E, r, k):
     """Difference 1: the authors' gate normalises the *biased* scores s + b (the values
-    top-k returned); ours, as DESIGN §2 and our module docstring write it (and as
+    top-k returned); ours, as our module docstring writes it (methods/smora.py) (and as
     DeepSeek-V3 uses its bias: for selection only), normalises the raw s. Equal at b = 0 (above); with b != 0 the outputs and the
     router gradient differ; with the reference's gate reading s, both agree exactly."""
     layer, _, _ = build("smora", "SMoRA", num_experts=E, expert_rank=r, top_k=k)
@@ -228,7 +228,7 @@ def test_smora_differs_gate_includes_bias(E, r, k):
 def test_smora_differs_top1_uses_raw_score(E, r):
     """Difference 2: with one active block the authors' normalised gate is the constant
     1 (``s / s``), so their router gets no gradient from the output and never learns;
-    ours uses the raw score s_j (DESIGN §2). Our delta is exactly s_j times theirs."""
+    ours uses the raw score s_j (methods/smora.py). Our delta is exactly s_j times theirs."""
     layer, _, _ = build("smora", "SMoRA", num_experts=E, expert_rank=r, top_k=1)
     layer.eval()
     x = tokens()

@@ -305,6 +305,11 @@ def test_trend_bump_hand_values_and_shapes():
     assert tr["bump_ci_low"] > 0 and tr["shape"] == "peaks in the middle"
     v = granularity_trend({g: 2 * 55 - s for g, s in scores.items()}, n_boot=2000, seed=1)
     assert v["shape"] == "dips in the middle" and v["bump"] == pytest.approx(-tr["bump"])
+    # a rising curve that bends down (50, 75, 83: the middle is above the chord but below the
+    # last point) rises, concave: it does not peak; mirrored, it falls, convex
+    bend = {g: h + rng.normal(0, 10, size=(4, 400)) for g, h in zip([6, 12, 24], [50.0, 75.0, 83.0])}
+    assert granularity_trend(bend, n_boot=2000, seed=1)["shape"] == "rises, concave"
+    assert granularity_trend({g: 100 - s for g, s in bend.items()}, n_boot=2000, seed=1)["shape"] == "falls, convex"
     # an even count: the middle score is the mean of the two middle granularities
     even = granularity_trend({g: scores[g] for g in [1, 2, 4, 8]}, n_boot=200)
     me = even["means"]

@@ -189,6 +189,9 @@ class Method(ABC):
     needs_task_labels: ClassVar[bool] = False
     #: the reference the study compares every method with (peft's LoRA at ranks R and K)
     is_reference: ClassVar[bool] = False
+    #: an ablation names the method it changes one thing of: the significance table then
+    #: compares the two at every granularity both ran (e.g. SMoRA with the paper's bias rate)
+    ablation_of: ClassVar[str | None] = None
 
     @property
     def label(self) -> str:

@@ -144,9 +144,10 @@ def write_report(
                 ["experts", "top-k", "experts / top-k", "dense ms", "sparse ms", "sparse / dense",
                  "auto picks"], body),
             "",
-            "Sparse is faster from experts / top-k = "
-            + (f"{point:g}" if point is not None else "(never, in the measured range)")
-            + f" on. `path: auto` picks sparse from experts / top-k = {SPARSE_CROSSOVER_RATIO:g} "
+            (f"Sparse is faster from experts / top-k = {point:g} on."
+             if point is not None else
+             "Sparse is slower at every measured experts / top-k.")
+            + f" `path: auto` picks sparse from experts / top-k = {SPARSE_CROSSOVER_RATIO:g} "
             "(`harness.adapters.core.SPARSE_CROSSOVER_RATIO`, set from this benchmark on the "
             "default CPU setup); a method's `path` option (`dense`, `sparse`) overrides it.",
             "",

@@ -47,6 +47,10 @@ rule tables:
         trend_tex=f"{OUT}/tables/granularity_trend.tex",
         sharing_table=f"{OUT}/tables/expert_sharing.csv",
         sharing_md=f"{OUT}/tables/expert_sharing.md",
+        training_gain=f"{OUT}/tables/training_gain.csv",
+        training_gain_md=f"{OUT}/tables/training_gain.md",
+        power=f"{OUT}/tables/power.csv",
+        power_md=f"{OUT}/tables/power.md",
         provenance=report(
             f"{OUT}/tables/provenance.csv",
             caption="../report/provenance.rst",

@@ -1,0 +1,81 @@
+"""The committed studies (results/default, results/commonsense) are what their configs say
+and regenerate from their stored results: every planned run has its results, no stale run
+folder is left by a change of run ids, and the committed tables equal the tables rebuilt
+now from the stored per-run files (no number in a table is typed in by hand)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDIES = ["default", "commonsense"]
+
+
+def _plan(study: str):
+    from harness.config import load_config
+    from harness.study import plan_study
+
+    cwd = Path.cwd()
+    os.chdir(ROOT)
+    try:
+        return plan_study(load_config(f"config/{study}.yaml"))
+    finally:
+        os.chdir(cwd)
+
+
+@pytest.fixture(scope="module", params=STUDIES)
+def committed(request):
+    return request.param, _plan(request.param)
+
+
+def test_every_planned_run_is_committed_and_nothing_else(committed):
+    study, plan = committed
+    out = ROOT / "results" / study
+    runs = {p.name for p in (out / "runs").iterdir() if p.is_dir()}
+    planned = {r.run_id for r in plan.runs}
+    assert runs == planned, (sorted(runs - planned), sorted(planned - runs))
+    for run in plan.runs:
+        folder = out / "runs" / run.run_id
+        assert (folder / "metrics.json").exists() and (folder / "run.json").exists(), run.run_id
+        if not run.is_base:
+            assert (folder / "train.json").exists(), run.run_id
+    components = {p.relative_to(out).as_posix() for p in out.glob("*/*") if (p / "run.json").exists()} - {
+        f"runs/{r}" for r in runs
+    }
+    assert components == {str(c) for c in plan.components}
+
+
+def test_no_weights_or_checkpoints_are_tracked(committed):
+    study, _ = committed
+    try:
+        tracked = subprocess.run(["git", "ls-files", f"results/{study}"], cwd=ROOT, capture_output=True,
+                                 text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    assert tracked, f"results/{study} is not committed"
+    heavy = [p for p in tracked if "/adapter/" in p or "checkpoint" in p or p.endswith((".safetensors", ".bin", ".pt"))]
+    assert heavy == []
+
+
+def test_committed_tables_equal_tables_rebuilt_from_the_stored_runs(committed, tmp_path):
+    from harness.aggregate import write_tables
+
+    study, plan = committed
+    cwd = Path.cwd()
+    os.chdir(ROOT)
+    try:
+        written = write_tables(plan, tmp_path, verify=False)
+    finally:
+        os.chdir(cwd)
+    compared = 0
+    for path in written:
+        if path.suffix != ".md" or path.stem == "provenance":
+            continue
+        committed_text = (ROOT / "results" / study / "tables" / path.name).read_text()
+        assert path.read_text() == committed_text, f"results/{study}/tables/{path.name} is stale"
+        compared += 1
+    assert compared >= 4
