@@ -107,7 +107,12 @@ def component_inputs_of(out_dir: str, plan):
     components = {run.run_id: list(run.components) for run in plan.runs}
 
     def component_inputs(wildcards) -> list[str]:
-        run_id = getattr(wildcards, "run", None) or wildcards.path.rpartition("/")[2]
+        run = getattr(wildcards, "run", None)
+        if run is not None and (Path(out_dir) / "runs" / run / "train.json").exists():
+            # a finished run's train job will not run again: its components' weights are not
+            # needed (a fresh clone has none), only the record that they were trained
+            return [f"{out_dir}/{path}/train.json" for path in components.get(run, [])]
+        run_id = run or wildcards.path.rpartition("/")[2]
         return [f for path in components.get(run_id, []) for f in needs_weights(out_dir, path)]
 
     return component_inputs
@@ -121,6 +126,10 @@ def weights_of(out_dir: str, trained: list[str]):
     def weights(wildcards) -> list[str]:
         if wildcards.run not in trained_ids:
             return []
+        if (Path(out_dir) / "runs" / wildcards.run / "metrics.json").exists():
+            # already scored: evaluate will not run again, so the weights (never committed)
+            # are not needed; asking for restore.json would retrain every run of a fresh clone
+            return [f"{out_dir}/runs/{wildcards.run}/train.json"]
         return needs_weights(out_dir, f"runs/{wildcards.run}")
 
     return weights

@@ -602,7 +602,9 @@ def restore_weights(config: dict[str, Any], run, run_dir: Path, progress: bool =
             "with `python -m harness train`"
         )
     if (run_dir / "adapter" / "adapter.safetensors").exists():
-        return {"run_id": run.run_id, "restored": False, "reason": "weights already present"}
+        record = {"run_id": run.run_id, "restored": False, "reason": "weights already present"}
+        atomic_write_json(run_dir / "restore.json", record)  # the restore rule's output
+        return record
     scratch = run_dir / ".restore"
     shutil.rmtree(scratch, ignore_errors=True)
     summary = train_run(config, run, scratch, progress=progress)
