@@ -390,7 +390,9 @@ def estimate_memory(
     per module (LoRA: its rank); ``num_experts``/``top_k``/``routed``: the router's
     ``E``, ``k`` and whether there is one; ``gated``: a gate multiplies ``A x`` (default:
     more than one expert); ``shared_rank``: MALoRA's ``r_s``; ``aux_loss``: a
-    load-balancing loss on the router probabilities (SiRA). ``first_adapted_layer``:
+    load-balancing loss on the router probabilities (SiRA; it adds nothing now that the
+    loss shares the gate's autograd node, and is kept so rows and callers need not
+    change). ``first_adapted_layer``:
     layers below it need no backward. ``attention``: ``sdpa`` (memory-efficient kernels,
     as on CUDA) or ``eager``. ``answer_positions``: where logits are computed (default:
     one per sequence). Every term's formula is in the module docstring.

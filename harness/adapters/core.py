@@ -32,8 +32,9 @@ import torch.nn.functional as F
 #: with rank-1 experts, top-4, two CPU threads), after the dense path's router and
 #: down-projection became one matmul: sparse / dense step time 1.77 at E/k = 4, 1.45 at
 #: 64, 1.36 at 128 and 1.12 at 256 (the largest measured; 1.90 to 1.08 in another run);
-#: the trend crosses 1 near 512, the value used. The dense path wins for every setting of the default and paper
-#: studies (E/k <= 8). Rerun the benchmark on other hardware (GPUs differ).
+#: the trend crosses 1 near 512, the value used. The dense path wins for every setting
+#: of the default and paper studies (E/k <= 8). Rerun the benchmark on other hardware
+#: (GPUs differ).
 SPARSE_CROSSOVER_RATIO = 512
 
 

@@ -14,7 +14,7 @@ from torch import nn
 from harness.bench.options import BenchOptions
 from harness.config import ConfigError
 from harness.data.jsonl import load_jsonl
-from harness.data.suite import generate_suite
+from harness.data.suite import suite_from_config
 from harness.modeling import cache_root, decoder_layers
 from harness.runtime import autocast_context, load_base
 from harness.split import LowerCache, pad_batch
@@ -53,9 +53,7 @@ def _bench_items(config: dict[str, Any]) -> tuple[list[dict], list[dict], str]:
     data = config["data"]
     data_dir = Path(config["out_dir"]) / "data"
     if data["source"] == "generated":
-        suite = generate_suite(
-            data.get("seed", 1234), data.get("tasks"), data["train_per_task"], data["test_per_task"]
-        )
+        suite = suite_from_config(data)
         train, test, where = suite["train"], suite["test"], "generated suite"
     else:
         train, test = load_jsonl(data["train"]), load_jsonl(data["test"])

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 _POOL_WORDS = {
@@ -238,3 +239,11 @@ def generate_suite(
         "train": [it for t in names for it in _items_for_task(seed, "train", t, train_lists, train_per_task)],
         "test": [it for t in names for it in _items_for_task(seed, "test", t, test_lists, test_per_task)],
     }
+
+
+def suite_from_config(data_cfg: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """The suite a ``data: {source: generated}`` config section describes (``seed``,
+    ``tasks``, ``train_per_task``, ``test_per_task``; unset keys: :func:`generate_suite`'s
+    defaults)."""
+    keys = ("seed", "tasks", "train_per_task", "test_per_task")
+    return generate_suite(**{k: data_cfg[k] for k in keys if data_cfg.get(k) is not None})

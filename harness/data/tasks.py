@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.data.jsonl import DataError, validated_lines
-from harness.data.suite import generate_suite, resolve_tasks
+from harness.data.suite import resolve_tasks, suite_from_config
 
 
 def training_task_names(data_cfg: dict[str, Any]) -> tuple[str, ...]:
@@ -46,9 +46,7 @@ def training_items(data_cfg: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]
     source = data_cfg["source"]
     tasks = data_cfg.get("tasks")
     if source == "generated":
-        suite = generate_suite(
-            data_cfg.get("seed", 1234), tasks, data_cfg.get("train_per_task", 256), data_cfg.get("test_per_task", 100)
-        )
+        suite = suite_from_config(data_cfg)
         return [(f"generated item {i}", item) for i, item in enumerate(suite["train"])]
     if source == "jsonl":
         train, test = Path(data_cfg["train"]), Path(data_cfg["test"])
@@ -61,9 +59,7 @@ def test_items(data_cfg: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     source = data_cfg["source"]
     tasks = data_cfg.get("tasks")
     if source == "generated":
-        suite = generate_suite(
-            data_cfg.get("seed", 1234), tasks, data_cfg.get("train_per_task", 256), data_cfg.get("test_per_task", 100)
-        )
+        suite = suite_from_config(data_cfg)
         return [(f"generated test item {i}", item) for i, item in enumerate(suite["test"])]
     if source == "jsonl":
         test = Path(data_cfg["test"])
