@@ -17,7 +17,7 @@ import importlib.util
 import sys
 
 MODEL_NAME = "moe-lora"
-MODEL_TARGET = "harness.lm_model:HarnessLM"
+MODEL_TARGET = "harness.model.lm_eval_model:HarnessLM"
 _WATCHED = "lm_eval.api.registry"
 
 

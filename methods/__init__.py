@@ -2,7 +2,8 @@
 toolkit (:mod:`harness.adapters`), never the engine.
 
 ``METHODS`` is the registry's lazy table: a name is imported only when a study, a
-command or a test asks for it. A new method needs no edit here: it registers itself
+command or a test asks for it. A *built-in* method is one line here (its name ->
+``"module:Class"``). A *plugin* needs no edit here: it registers itself
 (``@harness.adapters.register``) and is found by its import path in a study config
 (``plugins:``) or by an entry point in the ``harness.methods`` group.
 """
@@ -15,4 +16,8 @@ METHODS = {
     "smora": "methods.smora:SMoRA",
     "malora": "methods.malora:MALoRA",
     "moa": "methods.moa:MoA",
+    "hydralora": "methods.hydralora:HydraLoRA",
+    "loramoe": "methods.loramoe:LoRAMoE",
+    "mode": "methods.mode:MoDE",
+    "mola": "methods.mola:MoLA",
 }

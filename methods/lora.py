@@ -14,8 +14,10 @@ activated parameters as the sparse mixtures).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from safetensors.torch import save_file
 from torch import nn
 
 from harness.adapters import Method, MethodConfig, ParamCount, TargetShape, Variant, register
@@ -67,6 +69,22 @@ class LoRA(Method):
 
     def describe(self, config: LoRAConfig) -> dict[str, Any]:
         return {"num_experts": 1, "expert_rank": config.rank, "top_k": 1}
+
+    def export_peft(self, config: LoRAConfig, state, targets, folder, base_model: str) -> None:
+        """peft's own adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``,
+        the keys ``save_pretrained`` writes: ``base_model.model.<module>.lora_A.weight``)."""
+
+
+        folder = Path(folder)
+        peft_config = peft_lora_config(config, targets)
+        peft_config.base_model_name_or_path = base_model
+        peft_config.save_pretrained(str(folder))
+        tensors = {
+            "base_model.model." + name.replace(".default.", "."): value.contiguous()
+            for name, value in state.items()
+            if "lora_" in name
+        }
+        save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
 
     def apply(self, model: nn.Module, targets: list[TargetShape], config: LoRAConfig) -> None:
         from peft import inject_adapter_in_model

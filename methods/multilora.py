@@ -9,7 +9,7 @@ No router: every module is used for every token (dense), so MultiLoRA matches
 the total budget only. In block form the scales are one gate per block shared
 by all tokens.
 
-Initialisation (the DESIGN asks for a no-op start in which every part learns):
+Initialisation (every adapter here starts as an exact no-op, and every part must learn):
 ``s_i = 0``, ``A_i`` Kaiming-uniform (as peft's A) and ``B_i`` Kaiming-uniform
 too, following the paper's change of LoRA's initialisation. Step 0 is an exact
 no-op because ``s = 0``; ``s`` receives a gradient at once (``B_i A_i x != 0``)

@@ -72,15 +72,17 @@ class SiRALayer(BlockMixtureLayer):
         if self.training and cfg.aux_loss_weight > 0:
             aux_coef = switch_coefficients(counts, k, tokens, x.shape[0], cfg.aux_loss_weight)
         if self.path == "dense":  # gates and loss as one autograd node
-            gate, self._aux = topk_gate(
+            gate, aux = topk_gate(
                 logits, index, gate_mask, tokens.weights(x.shape[0], x.device), aux_coef
             )
+            if aux is not None:
+                self.add_aux_loss(aux)
             return Routing(gate=gate, index=index, keep=keep)
         _, weight = topk_softmax(logits, k)
         if aux_coef is not None:
-            self._aux = load_balancing_loss_from_counts(
+            self.add_aux_loss(load_balancing_loss_from_counts(
                 torch.softmax(logits, dim=-1), counts, k, tokens, cfg.aux_loss_weight
-            )
+            ))
         return Routing(index=index, weight=weight * gate_mask.to(weight.dtype), keep=keep)
 
 

@@ -406,19 +406,10 @@ def _num(value, digits: int = 2) -> str:
         return "–"
 
 
-def crossover_point(rows: list[dict]) -> float | None:
-    """The smallest experts / top-k from which on sparse is faster at every measured point."""
-    ratios = sorted({float(r["experts_per_top_k"]): float(r["sparse_over_dense"]) for r in rows}.items())
-    point = None
-    for ratio, rel in reversed(ratios):
-        if rel < 1.0:
-            point = ratio
-        else:
-            break
-    return point
-
-
 def summary(out: Path, device: str) -> None:
+    # run after the dependency check: the harness is importable here (one crossover rule)
+    from harness.bench.crossover import crossover_point
+
     info = json.loads((out / "device.json").read_text()) if (out / "device.json").exists() else {}
     steps = []
     if (out / "steps.tsv").exists():
@@ -464,7 +455,7 @@ def summary(out: Path, device: str) -> None:
     mem = out / "memory_check.json"
     if mem.exists():
         rows = json.loads(mem.read_text())
-        parts += ["Memory estimate (`harness.memory`) against `torch.cuda.max_memory_allocated`:", "",
+        parts += ["Memory estimate (`harness.plan.memory`) against `torch.cuda.max_memory_allocated`:", "",
                   "| case | measured GiB | estimated GiB | measured / estimated |", "|---|---:|---:|---:|"]
         for r in rows:
             parts.append(f"| {r['case']} | {r['measured_gib']:.3f} | {r['estimated_gib']:.3f} | "

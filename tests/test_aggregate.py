@@ -20,13 +20,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness.aggregate import main_table, main_table_texts, write_tables
-from harness.comparisons import significance_table, trend_table
-from harness.config import validate_config
-from harness.figures import figure_paths, load_profile, pareto_front, write_figures
-from harness.render import best_cells
-from harness.results import MissingResultsError, collect_results
-from harness.study import plan_study
+from harness.analysis.comparisons import significance_table, trend_table
+from harness.analysis.figures import load_profile, pareto_front, write_figures
+from harness.analysis.outputs import outputs
+from harness.analysis.results import MissingResultsError, collect_results
+from harness.analysis.tables import main_table, main_table_texts, write_tables
+from harness.common.render import best_cells
+from harness.plan.config import validate_config
+from harness.plan.study import plan_study
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ["alpha", "beta"]
@@ -394,11 +395,15 @@ def test_expert_load_profile_and_pareto_front(plan):
 
 def test_every_figure_is_written_as_png_and_pdf(plan):
     paths = write_figures(plan)
-    assert sorted(paths) == sorted(figure_paths(plan.out_dir))
+    figures = [p for p in paths if p.suffix in (".png", ".pdf")]
+    expected = [Path(p) for o in outputs("figure") for p in o.paths(plan.out_dir)]
+    assert sorted(figures) == sorted(expected)
+    assert {p.name for p in paths if p.suffix == ".rst"} == {f"{o.name}.rst" for o in outputs("figure")}
+    paths = figures
     assert {p.stem for p in paths} == {
         "granularity", "params_vs_acc", "task_heatmap", "expert_load", "training_curves",
-        "expert_sharing", "expert_heatmap",
-    } and len(paths) == 14
+        "expert_sharing", "expert_heatmap", "cost",
+    } and len(paths) == 16
     for path in paths:
         data = path.read_bytes()
         assert len(data) > 1000, path
@@ -406,7 +411,7 @@ def test_every_figure_is_written_as_png_and_pdf(plan):
 
 
 def test_report_cli_commands(plan, tmp_path, capsys):
-    from harness.cli import main
+    from harness.cli.main import main
 
     config_path = tmp_path / "fixture.yaml"
     config_path.write_text(yaml.safe_dump(plan.config))
@@ -423,16 +428,7 @@ def test_report_cli_commands(plan, tmp_path, capsys):
 
 
 def _snakefile_for(tmp_path: Path) -> Path:
-    """The real Snakefile once it includes the report rules; until then a wrapper that
-    includes both."""
-    real = ROOT / "Snakefile"
-    if "report.smk" in real.read_text():
-        return real
-    wrapper = tmp_path / "Snakefile.wrapper"
-    wrapper.write_text(
-        f'include: "{real}"\ninclude: "{ROOT / "workflow" / "rules" / "report.smk"}"\n'
-    )
-    return wrapper
+    return ROOT / "Snakefile"
 
 
 def _job_stats(output: str) -> dict[str, int]:
@@ -507,9 +503,9 @@ def test_snakemake_figures_schedules_no_training_when_results_exist(tmp_path, sh
 def test_power_table_projects_half_widths_and_seeds_from_the_stored_item_scores(plan):
     import pandas as pd
 
-    from harness.comparisons import power_table
-    from harness.results import row_label
-    from harness.stats import ci_half_width, estimate_components, task_weights
+    from harness.analysis.comparisons import power_table
+    from harness.analysis.results import row_label
+    from harness.analysis.stats import ci_half_width, estimate_components, task_weights
 
     results = collect_results(plan)
     power = power_table(results, target=3.0)
@@ -522,7 +518,7 @@ def test_power_table_projects_half_widths_and_seeds_from_the_stored_item_scores(
         if row["seeds_for_target"] is not None and not pd.isna(row["seeds_for_target"]):
             assert 2 <= row["seeds_for_target"] <= 64
     # the numbers are the stats module's, on the same paired scores
-    from harness.comparisons import _paired, item_scores
+    from harness.analysis.comparisons import _paired, item_scores
 
     first = power.iloc[0]
     key = next(k for k in results.keys if row_label(plan, *k.split("-", 1)) == first["label"])
@@ -545,7 +541,7 @@ def test_training_gain_is_its_own_family_against_the_base_model(plan):
         assert row["diff"] == pytest.approx(expected, abs=1e-9)
         assert row["ci_low"] <= row["diff"] <= row["ci_high"]
     # Holm within each family: neither family's size widens the other's corrections
-    from harness.aggregate import significance_texts
+    from harness.analysis.tables import significance_texts
 
     assert f"family of {len(methods)} comparisons" in significance_texts(plan, methods)["md"]
     assert f"family of {len(gain)} comparisons" in significance_texts(plan, gain, "training")["md"]

@@ -1,4 +1,4 @@
-"""The speed benchmark (``python -m harness bench``, harness/bench.py) on a tiny random Llama.
+"""The speed benchmark (``python -m harness bench``, harness/bench/) on a tiny random Llama.
 
 What is checked is the bookkeeping, never a timing: every method of the plan and both
 peft LoRA references get a row, ratios are computed against LoRA rank R of the same run,
@@ -23,7 +23,7 @@ from harness.adapters import core as core_module
 from harness.adapters.core import choose_path
 from harness.adapters.inject import apply_method
 from harness.bench import BenchOptions, crossover_point, run_bench, scaling_points
-from harness.config import ConfigError, validate_config
+from harness.plan.config import ConfigError, validate_config
 from tests.conftest import make_tiny_llama
 
 ROUTED_SWEEPING = ["molora", "sira", "smora", "malora"]
@@ -91,7 +91,7 @@ def _key(row: dict) -> str:
 
 
 def test_rows_are_every_planned_method_at_matched_budget_plus_both_lora_references(bench):
-    from harness.study import plan_study
+    from harness.plan.study import plan_study
 
     config, result, _ = bench
     plan = plan_study(config)
@@ -116,7 +116,7 @@ def test_rows_are_every_planned_method_at_matched_budget_plus_both_lora_referenc
 
 def _router_params(config, experts: int) -> int:
     """Router parameters of a mixture with ``experts`` experts over the adapted modules."""
-    from harness.study import study_shapes
+    from harness.plan.study import study_shapes
 
     return sum(experts * s.d_in for s in study_shapes(config))
 
@@ -207,7 +207,7 @@ def test_moa_without_trained_task_adapters_is_timed_and_says_so(bench):
 def test_evaluation_cache_before_and_after_gives_the_same_scores(bench):
     """One real lm-eval evaluation three ways: building the shared lower-layer cache, reusing
     it, and full depth (the study's data were not written, so a temporary copy is used)."""
-    from harness.study import plan_study
+    from harness.plan.study import plan_study
 
     config, result, _ = bench
     e = result["eval_cache"]
@@ -290,9 +290,9 @@ def test_sparse_and_dense_paths_train_a_model_to_the_same_losses():
     """A whole tiny Llama, three optimizer steps on each path: the same losses."""
     from contextlib import nullcontext
 
-    from harness.modeling import adapted_layer_indices, target_shapes
-    from harness.split import pad_batch
-    from harness.train import answer_loss
+    from harness.model.load import adapted_layer_indices, target_shapes
+    from harness.model.lower_cache import pad_batch
+    from harness.run.train import answer_loss
 
     targets_names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     g = torch.Generator().manual_seed(3)
@@ -506,7 +506,7 @@ def test_crossover_checks_are_skipped_when_the_sweep_is_off(tmp_path):
 def test_cli_refuses_a_bad_value_before_loading_anything(tmp_path, capsys):
     import yaml
 
-    from harness.cli import main
+    from harness.cli.main import main
 
     config = tiny_config(tmp_path)
     path = tmp_path / "study.yaml"

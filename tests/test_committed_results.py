@@ -1,4 +1,4 @@
-"""The committed studies (results/default, results/commonsense) are what their configs say
+"""The committed studies (every results/<config name>/ with runs) are what their configs say
 and regenerate from their stored results: every planned run has its results, no stale run
 folder is left by a change of run ids, and the committed tables equal the tables rebuilt
 now from the stored per-run files (no number in a table is typed in by hand)."""
@@ -12,12 +12,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STUDIES = ["default", "commonsense"]
+#: every config whose results are committed (results/<config name>/runs)
+#: (results/smoke is never committed: .gitignore)
+STUDIES = sorted(
+    c.stem for c in (ROOT / "config").glob("*.yaml")
+    if c.stem != "smoke" and (ROOT / "results" / c.stem / "runs").is_dir()
+)
 
 
 def _plan(study: str):
-    from harness.config import load_config
-    from harness.study import plan_study
+    from harness.plan.config import load_config
+    from harness.plan.study import plan_study
 
     cwd = Path.cwd()
     os.chdir(ROOT)
@@ -47,6 +52,12 @@ def test_every_planned_run_is_committed_and_nothing_else(committed):
         f"runs/{r}" for r in runs
     }
     assert components == {str(c.path) for c in plan.components}
+    # the tune stage: every tuning run and the chosen rates, so a fresh clone does not retune
+    tuning = {p.name for p in (out / "tuning" / "runs").glob("*") if p.is_dir()}
+    assert tuning == {r.run_id for r in plan.tuning}
+    for run in plan.tuning:
+        assert (out / "tuning" / "runs" / run.run_id / "metrics.json").exists(), run.run_id
+    assert (out / "tuning" / "rates.json").exists() == bool(plan.tuning)
 
 
 def test_no_weights_or_checkpoints_are_tracked(committed):
@@ -62,7 +73,7 @@ def test_no_weights_or_checkpoints_are_tracked(committed):
 
 
 def test_committed_tables_equal_tables_rebuilt_from_the_stored_runs(committed, tmp_path):
-    from harness.aggregate import write_tables
+    from harness.analysis.tables import write_tables
 
     study, plan = committed
     cwd = Path.cwd()

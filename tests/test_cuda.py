@@ -45,7 +45,7 @@ def apply_method(*args):
 
 
 def budget_request(**values):
-    return _first("harness.budget:BudgetRequest", "harness.adapters.grid:BudgetRequest",
+    return _first("harness.plan.budget:BudgetRequest", "harness.adapters.grid:BudgetRequest",
                   "harness.adapters:BudgetRequest")(**values)
 
 
@@ -240,7 +240,7 @@ BF16_BASE_CASES = [
 
 @pytest.mark.parametrize("case", BF16_BASE_CASES)
 def test_adapters_stay_fp32_on_a_bf16_base_model(case):
-    """As harness.train builds a run on CUDA: the base model is loaded in bf16 first, then the
+    """As harness.run.train builds a run on CUDA: the base model is loaded in bf16 first, then the
     method is applied; the adapters (and so AdamW's state) must be fp32, as docs/cluster.md
     says, for every method alike."""
     _, name, options, variant = case
@@ -328,10 +328,10 @@ MEMORY_CASES = [("lora-r16", "lora", {}, 16, False), ("sira-G8", "sira", {}, 8, 
 @pytest.mark.parametrize("case", MEMORY_CASES, ids=[c[0] for c in MEMORY_CASES])
 def test_memory_estimate_against_measured_peak(case):
     """One training step of a 4-layer Llama (bf16 weights, fp32 adapters, bf16 autocast,
-    SDPA, logits at one answer position per row, AdamW) as ``harness.train`` runs it:
-    ``torch.cuda.max_memory_allocated`` against ``harness.memory.estimate_memory``'s
+    SDPA, logits at one answer position per row, AdamW) as ``harness.run.train`` runs it:
+    ``torch.cuda.max_memory_allocated`` against ``harness.plan.memory.estimate_memory``'s
     ``allocated``. Written to ``$GPU_CHECK_OUT/memory_check.json``; asserted only loosely."""
-    from harness.memory import estimate_memory, row_shape
+    from harness.plan.memory import estimate_memory, row_shape
 
     label, name, options, g, checkpointing = case
     gc_collect()
@@ -347,7 +347,7 @@ def test_memory_estimate_against_measured_peak(case):
     for p in handle.trainable_parameters():  # fp32 adapters, as the estimate assumes (peft's
         p.data = p.data.float()              # LoRA would be bf16 here: see the test above)
     model.cuda()
-    if checkpointing:  # as harness.train enables it: non-reentrant, per decoder layer
+    if checkpointing:  # as harness.run.train enables it: non-reentrant, per decoder layer
         kwargs = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)

@@ -346,7 +346,12 @@ def test_group_aggregates_mean_acc_and_acc_norm_unweighted(tmp_path):
         {"metric": "acc_norm", "aggregation": "mean", "weight_by_size": False},
     ]
     task = yaml.safe_load((folder / "mine_tool.yaml").read_text().replace("!function ", ""))
-    assert [m["metric"] for m in task["metric_list"]] == ["acc", "acc_norm"]
+    # every registered task metric (harness.common.metrics); the Brier score too, as every
+    # item of the task has the same number of choices
+    assert [m["metric"] for m in task["metric_list"]] == ["acc", "acc_norm", "brier_score"]
+    assert task["metric_list"][2] == {
+        "metric": "brier_score", "aggregation": "brier_score", "higher_is_better": False
+    }
     text = (folder / "mine_tool.yaml").read_text()
     assert 'doc_to_text: "{{question}}\\nAnswer:"' in text and 'target_delimiter: " "' in text
     # unchanged content is not rewritten

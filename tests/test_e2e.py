@@ -60,12 +60,13 @@ def _snakemake(args, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     """The smoke study, run once for this module: ``(folder, config, plan)``."""
-    from harness.config import load_config
-    from harness.study import plan_study
+    from harness.plan.config import load_config
+    from harness.plan.study import plan_study
 
     folder = tmp_path_factory.mktemp("smoke")
     config = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())
     config["out_dir"] = "out"
+    config["eval"]["general_text"] = str(ROOT / config["eval"]["general_text"])
     path = folder / "smoke.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     result = _snakemake(["--cores", "2", "--configfile", str(path)], folder)
@@ -101,7 +102,8 @@ def test_every_expected_file_exists_and_the_table_has_one_finite_score_per_run(s
     (router_accuracy,) = summary.loc[summary["method"] == "moa", "router_accuracy"]
     assert 0 <= router_accuracy <= 1
     # every example plugin ran through the DAG and reached the summary
-    assert {"frozen_router", "hydra_lora", "lorahub"} <= set(summary["method"])
+    assert {"frozen_router", "gated_lora", "lorahub", "adamole"} <= set(summary["method"])
+    assert {"hydralora", "loramoe", "mode", "mola"} <= set(summary["method"])
     n_tasks = len(plan.config["data"]["tasks"])
     for run in plan.runs:
         metrics = json.loads((out / "runs" / run.run_id / "metrics.json").read_text())
@@ -116,11 +118,16 @@ def test_every_expected_file_exists_and_the_table_has_one_finite_score_per_run(s
             assert row[f"acc_{task}"] == pytest.approx(value["acc"])
             assert row[f"acc_norm_{task}"] == pytest.approx(value["acc_norm"])
             assert row[f"acc_stderr_{task}"] == pytest.approx(value["acc_stderr"])
-        routed = run.method in ("molora", "sira", "smora", "malora", "moa", "frozen_router", "hydra_lora")
+        routed = run.method in (
+            "molora", "sira", "smora", "malora", "moa", "frozen_router", "hydralora", "adamole",
+            "loramoe", "mode", "mola", "gated_lora",
+        )
         if routed:  # which experts each task used, recorded while lm-eval scored
             routing = json.loads((out / "runs" / run.run_id / "routing.json").read_text())
             assert sorted(routing["sequences"]) == sorted(plan.config["data"]["tasks"])
-            assert 1 <= metrics["effective_experts"] <= run.granularity + 1e-6
+            # MoDE has about 2G experts a module, MoLA's top layers about 1.6G (methods/mode.py, mola.py)
+            bound = {"mode": 2 * run.granularity, "mola": 2 * run.granularity}.get(run.method, run.granularity)
+            assert 1 <= metrics["effective_experts"] <= bound + 1e-6
         else:
             assert not (out / "runs" / run.run_id / "routing.json").exists()
             assert metrics["effective_experts"] is None
@@ -135,6 +142,59 @@ def test_every_expected_file_exists_and_the_table_has_one_finite_score_per_run(s
     for figure in FIGURES:
         for ext in ("png", "pdf"):
             assert (out / "figures" / f"{figure}.{ext}").stat().st_size > 1000
+
+
+def test_one_registry_entry_a_forgetting_and_a_cost_column_reach_summary_and_main_table(smoke):
+    """The Brier score is one entry of the metric registry (harness.common.metrics): the task
+    YAMLs list it, evaluation stores it per task and per item, and the summary and the main
+    table show it. The general text's word perplexity gives every run's forgetting; training
+    records its measured cost. A plugin's metric is shown in its declared unit."""
+    folder, _, plan = smoke
+    out = folder / "out"
+    summary = pd.read_csv(out / "summary.csv")
+    for run in plan.runs:
+        metrics = json.loads((out / "runs" / run.run_id / "metrics.json").read_text())
+        row = summary[summary["run_id"] == run.run_id].iloc[0]
+        briers = []
+        for task, value in metrics["tasks"].items():
+            per_item = metrics["items"][task]["brier_score"]
+            assert value["brier_score"] == pytest.approx(sum(per_item) / len(per_item), rel=1e-5)
+            assert 0 <= value["brier_score"] <= 2
+            assert row[f"brier_score_{task}"] == pytest.approx(value["brier_score"])
+            briers.append(value["brier_score"])
+        assert row["suite_brier_score"] == pytest.approx(sum(briers) / len(briers))
+        general = metrics["general_text"]
+        assert general["word_perplexity"] > 1 and len(general["items"]["words"]) == 5  # 5 articles
+        assert row["general_word_ppl"] == pytest.approx(general["word_perplexity"])
+        if run.is_base:
+            assert row["forgetting"] == 0
+            continue
+        train = json.loads((out / "runs" / run.run_id / "train.json").read_text())
+        cost = train["cost"]
+        assert cost["tokens_per_s"] > 0 and cost["peak_rss_mib"] > 100
+        adapter = out / "runs" / run.run_id / "adapter" / "adapter.safetensors"
+        assert cost["adapter_bytes"] == adapter.stat().st_size
+        assert row["tokens_per_s"] == pytest.approx(cost["tokens_per_s"])
+        assert train["settings"]["steps"] == len(list((out / "runs" / run.run_id / "train_log.jsonl").open()))
+    base_ppl = summary.loc[summary["method"] == "base", "general_word_ppl"].iloc[0]
+    trained = summary[summary["method"] != "base"]
+    assert list(trained["forgetting"]) == pytest.approx(list(trained["general_word_ppl"] / base_ppl - 1))
+
+    main = (out / "tables" / "main_table.md").read_text()
+    header = next(line for line in main.splitlines() if line.startswith("| method"))
+    for column in ("suite Brier score ↓", "forgetting (%)", "tokens/s", "peak RSS (MiB)",
+                   "adapter (KiB)", "experts/token", "router accuracy"):
+        assert column in header, column
+    # the plugin's experts per token is a count (1 to G), not a share multiplied by 100
+    table = pd.read_csv(out / "tables" / "main_table.csv")
+    active = table.loc[table["method"] == "adamole", "metric:active_experts"]
+    assert len(active) == 2 and all(1 <= v <= g for v, g in zip(active, (3, 6)))
+    assert "metric:active_experts" in table and (table["metric:router_accuracy"].dropna() > 1).all()
+    budget = (out / "tables" / "budget_table.md").read_text()
+    assert "adaptive: 1 to 6 experts a token (threshold router)" in budget
+    for name in ("forgetting", "cost"):
+        assert (out / "tables" / f"{name}.md").read_text().startswith("Study smoke")
+    assert (out / "figures" / "cost.png").stat().st_size > 1000
 
 
 def test_training_logs_hold_loss_aux_loss_expert_load_and_step_time(smoke):
@@ -227,7 +287,7 @@ def _requests(lm, items):
 
 def test_lm_model_cached_lower_layers_give_the_full_depth_numbers(smoke):
     from harness.data.jsonl import load_jsonl
-    from harness.lm_model import HarnessLM
+    from harness.model.lm_eval_model import HarnessLM
 
     folder, _, plan = smoke
     run = next(r for r in plan.trained_runs if r.method == "smora" and r.granularity > 1)
@@ -269,8 +329,8 @@ def test_lm_model_cached_lower_layers_give_the_full_depth_numbers(smoke):
 
 def test_training_and_lm_eval_tokenise_prompts_identically(smoke):
     from harness.data.prompts import build_prompt, continuation
-    from harness.lm_model import HarnessLM
-    from harness.train import build_examples
+    from harness.model.lm_eval_model import HarnessLM
+    from harness.run.train import build_examples
 
     folder, _, plan = smoke
     run = plan.trained_runs[0]
@@ -320,7 +380,9 @@ def test_every_readme_command_works_where_a_fresh_clone_has_results_but_no_weigh
     for command in commands:
         line = (
             command.replace("config/default.yaml", str(path))
+            .replace("config/synthetic.yaml", str(path))
             .replace("results/default", str(out))
+            .replace("results/synthetic", str(out))
             .replace("<run id>", routed.run_id)
             .replace("--out my-moa", f"--out {tmp_path / 'my-moa'}")
         )

@@ -143,11 +143,13 @@ def test_offline_constraints_pin_the_installed_torch_and_leave_its_stack_alone(t
 
 
 def test_device_slug_and_summary_crossover_point():
+    from harness.bench.crossover import crossover_point  # the summary step's one rule
+
     tools = _tools()
     assert tools.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     assert tools.slug("NVIDIA A100-SXM4-40GB") == "nvidia-a100-sxm4-40gb"
     rows = [{"experts_per_top_k": str(r), "sparse_over_dense": str(v)}
             for r, v in ((8, 1.4), (16, 1.1), (32, 0.9), (64, 0.8), (128, 0.7))]
-    assert tools.crossover_point(rows) == 32
+    assert crossover_point(rows) == 32  # numbers as text, as read from the CSV
     rows[-1]["sparse_over_dense"] = "1.2"  # dense wins again at the largest count: no crossover
-    assert tools.crossover_point(rows) is None
+    assert crossover_point(rows) is None

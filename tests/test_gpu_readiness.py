@@ -24,8 +24,11 @@ from harness.adapters.testing import NoHostSync, check_layer
 from tests.conftest import TINY_STUDY_MODEL, make_tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
-BUILTIN = ["lora", "multilora", "molora", "molora-sparse", "sira", "smora", "malora", "moa"]
-EXAMPLES = {"frozen_router": "examples.frozen_router", "hydra_lora": "examples.hydra_lora"}
+BUILTIN = [
+    "lora", "multilora", "molora", "molora-sparse", "sira", "smora", "malora", "moa",
+    "hydralora", "loramoe", "mode", "mola",
+]
+EXAMPLES = {"frozen_router": "examples.frozen_router", "gated_lora": "examples.gated_lora"}
 
 
 def config_for(case: str, d_in: int = 16, d_out: int = 12):
@@ -75,9 +78,9 @@ def _batch(vocab: int, seed: int = 0):
 
 def _train_losses(case: str, checkpointing: bool, dtype: str, steps: int = 3) -> list[float]:
     from harness.adapters import apply_method
-    from harness.modeling import adapted_layer_indices, target_shapes
-    from harness.runtime import autocast_context
-    from harness.train import make_optimizer, make_scheduler, optimizer_step
+    from harness.model.base import autocast_context
+    from harness.model.load import adapted_layer_indices, target_shapes
+    from harness.run.train import make_optimizer, make_scheduler, optimizer_step
 
     model = make_tiny_llama(layers=2)
     name = case.split("-")[0]
@@ -112,7 +115,9 @@ def _train_losses(case: str, checkpointing: bool, dtype: str, steps: int = 3) ->
     return losses
 
 
-@pytest.mark.parametrize("case", ["lora", "multilora", "molora", "sira", "smora", "malora", "moa"])
+@pytest.mark.parametrize(
+    "case", ["lora", "multilora", "molora", "sira", "smora", "malora", "moa", "hydralora", "loramoe", "mode", "mola"]
+)
 def test_gradient_checkpointing_gives_the_same_losses_in_float32_and_bf16(case):
     for dtype, tolerance in (("float32", 0.0), ("bfloat16", 2e-2)):
         plain = _train_losses(case, False, dtype)
@@ -128,12 +133,12 @@ def test_gradient_checkpointing_gives_the_same_losses_in_float32_and_bf16(case):
 def test_a_study_trains_and_is_scored_in_bf16_on_the_cpu_with_float32_adapters(tmp_path):
     from safetensors.torch import load_file
 
-    from harness.config import validate_config
     from harness.data.prepare import prepare_data
-    from harness.evaluate import evaluate_run
-    from harness.run_model import write_run_spec
-    from harness.study import plan_study
-    from harness.train import train_run
+    from harness.model.run_folder import write_run_spec
+    from harness.plan.config import validate_config
+    from harness.plan.study import plan_study
+    from harness.run.evaluate import evaluate_run
+    from harness.run.train import train_run
 
     config = validate_config({
         "study": "bf16",

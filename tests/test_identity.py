@@ -1,5 +1,6 @@
-"""The harness scores the base model exactly as lm-eval's own ``hf`` model does (issue 18):
-the same task YAMLs, the same checkpoint folder, every task's ``acc`` and ``acc_norm``."""
+"""The harness scores exactly as lm-eval's own ``hf`` model does: the untrained base model
+(the same checkpoint folder) and a trained LoRA run (its adapter loaded by peft inside
+lm-eval: ``peft=<folder>``), on the same task YAMLs, task by task, every task metric."""
 
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ def _slice(path: Path, tasks: tuple[str, ...], per_task: int) -> list[dict]:
     return out
 
 
-def test_base_scores_equal_lm_eval_hf_model_on_every_task_and_metric(tmp_path, monkeypatch, capsys):
-    from harness.cli import main
+def test_base_and_lora_scores_equal_lm_eval_hf_model_on_every_task_and_metric(tmp_path, monkeypatch, capsys):
+    from harness.cli.main import main
 
     # real multiple-choice items with multi-token answers of different lengths (acc_norm differs)
     tasks = ("arc_easy", "winogrande", "commonsense_qa")
@@ -40,31 +41,52 @@ def test_base_scores_equal_lm_eval_hf_model_on_every_task_and_metric(tmp_path, m
         "budget": {"total_rank": 4, "active_rank": 2, "granularities": [2]},
         "methods": ["lora"],
         "data": {"source": "jsonl", "train": str(tmp_path / "train.jsonl"), "test": str(tmp_path / "test.jsonl")},
-        "train": {"seeds": [0], "steps": 2, "batch_size": 4, "max_length": "auto"},
+        "train": {"seeds": [0], "steps": 6, "batch_size": 4, "max_length": "auto", "lr": 0.05},
         "eval": {"batch_size": 8},
     }
     path = tmp_path / "identity.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     monkeypatch.chdir(tmp_path)
-    from harness.study import plan_from_file
+    from harness.plan.study import plan_from_file
 
     _, plan = plan_from_file(str(path))
     (base,) = [r for r in plan.runs if r.is_base]
+    lora = next(r for r in plan.trained_runs if r.tag == "r4")
     assert main(["data", "--config", str(path)]) == 0
     assert main(["evaluate", "--config", str(path), "--run", base.run_id, "--quiet"]) == 0
+    assert main(["train", "--config", str(path), "--run", lora.run_id, "--quiet"]) == 0
     capsys.readouterr()
 
-    assert main(["identity", "--config", str(path)]) == 0
+    assert main(["identity", "--config", str(path), "--run", lora.run_id]) == 0
     out = capsys.readouterr().out
     report = json.loads((tmp_path / "out" / "lm_eval_identity.json").read_text())
-    assert {(r["task"], r["metric"]) for r in report["rows"]} == {
-        (t, m) for t in tasks for m in ("acc", "acc_norm")
-    }
-    harness_scores = json.loads((tmp_path / "out" / "runs" / base.run_id / "metrics.json").read_text())["tasks"]
-    for row in report["rows"]:
-        assert row["harness"] == harness_scores[row["task"]][row["metric"]]
-        assert abs(row["difference"]) < 1e-12, row
-    assert report["max_abs_difference"] < 1e-12
-    # the scores are fractions of the 12 test items of each task
-    assert all(abs(r["lm_eval_hf"] * 12 - round(r["lm_eval_hf"] * 12)) < 1e-9 for r in report["rows"])
-    assert "| task | metric | harness | lm-eval hf | difference |" in out
+    assert report["runs"] == [base.run_id, lora.run_id]
+    # acc and acc_norm everywhere; the Brier score where every test item of the task has the
+    # same number of choices (lm-eval could not aggregate it otherwise)
+    uniform = [t for t in tasks if len({len(i["choices"]) for i in test if i["task"] == t}) == 1]
+    assert "winogrande" in uniform and "commonsense_qa" in uniform
+    metrics = {("base model", t, m) for t in tasks for m in ("acc", "acc_norm")}
+    metrics |= {("base model", t, "brier_score") for t in uniform}
+    expected = metrics | {("LoRA (peft adapter)", t, m) for _, t, m in metrics}
+    assert {(r["model"], r["task"], r["metric"]) for r in report["rows"]} == expected
+    for run_id in report["runs"]:
+        scores = json.loads((tmp_path / "out" / "runs" / run_id / "metrics.json").read_text())["tasks"]
+        for row in (r for r in report["rows"] if r["run"] == run_id):
+            assert row["harness"] == scores[row["task"]][row["metric"]]
+            if row["metric"] == "brier_score":
+                # a continuous function of the float32 log-likelihoods, which the two models
+                # compute in another order (cached lower layers, logits at the scored positions
+                # only; peft adds its LoRA term in its own order): equal to ~1e-6, not the bit
+                assert abs(row["difference"]) < 1e-5, row
+            else:  # every accuracy: exactly the same choices
+                assert row["difference"] == 0, row
+    assert report["max_abs_difference"] < 1e-5
+    # the LoRA run really moved the scores away from the untrained model's (so the check is
+    # not two copies of the base model): its log-likelihoods differ, visible in the Brier score
+    by = {(r["model"], r["task"], r["metric"]): r["harness"] for r in report["rows"]}
+    assert any(by[("base model", t, "brier_score")] != by[("LoRA (peft adapter)", t, "brier_score")]
+               for t in uniform)
+    # the accuracies are fractions of the 12 test items of each task
+    assert all(abs(r["lm_eval_hf"] * 12 - round(r["lm_eval_hf"] * 12)) < 1e-9
+               for r in report["rows"] if r["metric"] != "brier_score")
+    assert "| model | task | metric | harness | lm-eval hf | difference |" in out

@@ -1,4 +1,4 @@
-"""The peak-memory estimate (harness/memory.py): hand-computed numbers for a tiny config, how
+"""The peak-memory estimate (harness/plan/memory.py): hand-computed numbers for a tiny config, how
 the terms move, and real tensors on the CPU (parameters, gradients and AdamW state exactly;
 the activations against what autograd really saves)."""
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from harness.memory import (
+from harness.plan.memory import (
     GIB,
     ModelDims,
     estimate_memory,
@@ -43,7 +43,7 @@ def apply_method(*args):
 
 
 def budget_request(*args):
-    return _first("harness.budget:BudgetRequest", "harness.adapters.grid:BudgetRequest",
+    return _first("harness.plan.budget:BudgetRequest", "harness.adapters.grid:BudgetRequest",
                   "harness.adapters:BudgetRequest")(*args)
 
 
@@ -141,7 +141,7 @@ def test_llama_2_7b_base_weights():
     import json
     from pathlib import Path
 
-    config = json.loads((Path(__file__).parents[1] / "harness" / "model_configs" / "llama-2-7b.json").read_text())
+    config = json.loads((Path(__file__).parents[1] / "harness" / "model" / "configs" / "llama-2-7b.json").read_text())
     dims = ModelDims.from_config(config)
     assert dims.base_parameters() == 6_738_415_616
     est = estimate_memory(config, (159_907_840, 159_907_840, 0), batch_size=16, seq_len=512,
@@ -239,7 +239,7 @@ def test_parameter_gradient_and_adamw_terms_equal_real_tensor_bytes(case, tied):
 
 def saved_bytes(model, handle, autocast: bool, batch=4, seq=16):
     """Bytes of the distinct tensors autograd saves in one forward (parameters excluded),
-    as harness.train runs it: token mask set, logits at one answer position per row."""
+    as harness.run.train runs it: token mask set, logits at one answer position per row."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     params |= {b.untyped_storage().data_ptr() for b in model.buffers()}
     seen: dict[int, int] = {}
@@ -293,8 +293,8 @@ def test_activation_term_against_saved_tensors_under_bf16_autocast(case):
 
 
 def test_memory_table_one_row_per_budget_row_of_a_study():
-    from harness.config import validate_config
-    from harness.study import plan_study
+    from harness.plan.config import validate_config
+    from harness.plan.study import plan_study
 
     config = validate_config({
         "study": "mem",

@@ -75,7 +75,7 @@ def test_analytic_counts_equal_real_numel_and_hand_computation(case, shape):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_model_level_count_and_exact_noop_at_init(case, tiny_llama):
-    from harness.modeling import adapted_layer_indices, target_shapes
+    from harness.model.load import adapted_layer_indices, target_shapes
 
     method, config = method_and_config(case)
     ids = torch.randint(0, 97, (2, 9))
@@ -385,8 +385,8 @@ def test_smora_bias_rate_keeps_the_papers_drift_per_run_and_the_paper_form_is_se
 
 
 def test_smora_bias_rate_reaches_the_run_config_through_the_plan(tmp_path):
-    from harness.config import validate_config
-    from harness.study import plan_study
+    from harness.plan.config import validate_config
+    from harness.plan.study import plan_study
     from tests.conftest import TINY_STUDY_MODEL
 
     config = validate_config({

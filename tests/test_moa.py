@@ -89,14 +89,14 @@ def study(tmp_path_factory):
     stage-one adapter name, the tasks of every training item its batches held."""
     from types import SimpleNamespace
 
-    import harness.train as train_module
-    from harness.aggregate import collect_results, main_table, write_tables
-    from harness.config import load_config
+    import harness.run.train as train_module
+    from harness.analysis.summary import write_summary
+    from harness.analysis.tables import collect_results, main_table, write_tables
     from harness.data.prepare import prepare_data
-    from harness.evaluate import evaluate_run
-    from harness.run_model import write_run_spec
-    from harness.study import plan_study
-    from harness.summary import write_summary
+    from harness.model.run_folder import write_run_spec
+    from harness.plan.config import load_config
+    from harness.plan.study import plan_study
+    from harness.run.evaluate import evaluate_run
 
     folder = tmp_path_factory.mktemp("moa")
     path = write_config(folder / "study.yaml", study_dict(folder))
@@ -188,7 +188,7 @@ def test_each_stage_one_adapter_sees_only_its_own_tasks_items(study):
 
 
 def test_select_examples_keeps_one_task_and_names_a_missing_one():
-    from harness.train import Example, select_examples
+    from harness.run.train import Example, select_examples
 
     examples = [Example([1], [0], [1], task) for task in ("a", "b", "a", "c")]
     assert select_examples(examples, ["a"]) == [0, 2]
@@ -201,7 +201,7 @@ def test_select_examples_keeps_one_task_and_names_a_missing_one():
 
 
 def test_router_forced_to_one_adapter_equals_that_tasks_lora_alone(study):
-    from harness.run_model import load_run_model
+    from harness.model.run_folder import load_run_model
     from methods.moa import MoALayer
 
     moa = load_run_model(study.run_dir, device="cpu")
@@ -343,8 +343,8 @@ def test_router_supervision_is_cross_entropy_on_task_labels_shared_over_modules(
 def test_composing_without_an_adapter_keeps_every_adapter_bit_identical(study, tmp_path):
     from safetensors.torch import load_file
 
-    from harness.compose import compose
-    from harness.run_model import load_run_model
+    from harness.model.run_folder import load_run_model
+    from harness.run.compose import compose
     from methods.moa import MoALayer
 
     stage_one = study.plan.out_dir / "task_adapters"
@@ -405,8 +405,8 @@ def _dry_runs(config_paths: list[Path], cwd: Path) -> list[tuple[dict[str, int],
 
 
 def test_dropping_or_adding_a_task_reruns_only_stage_two_in_the_dag(study):
-    from harness.config import load_config
-    from harness.study import plan_study
+    from harness.plan.config import load_config
+    from harness.plan.study import plan_study
 
     names = {a.tasks[0]: a.run_id for a in study.plan.components}
     # drop `animal` (total_rank 6 -> 4 keeps the per-task rank 2): same adapter folders
@@ -429,10 +429,10 @@ def test_dropping_or_adding_a_task_reruns_only_stage_two_in_the_dag(study):
 
     # two dry runs side by side (each spends ~10 s of CPU importing and planning)
     (dropped, dropped_text), (added, added_text) = _dry_runs([fewer_path, more_path], study.folder)
-    # dropping a task: stage two (and its evaluation) only; the three stage-one folders
-    # and the data, all written in-process before, are up to date
+    # dropping a task: stage two (trained and scored in one job) only; the three stage-one
+    # folders and the data, all written in-process before, are up to date
     assert "train_component" not in dropped and "data" not in dropped, dropped_text
-    assert dropped["train"] == 1 and dropped["evaluate"] == 1
+    assert dropped["train"] == 1 and "evaluate" not in dropped
     assert f"run={fewer_run.run_id}" in dropped_text
     # adding one: that task's stage-one job, then stage two (the data changed too)
     assert added["train_component"] == 1 and f"component=task_adapters/{new.run_id}" in added_text, added_text
@@ -446,8 +446,8 @@ def test_dropping_or_adding_a_task_reruns_only_stage_two_in_the_dag(study):
 
 def test_budget_counts_equal_the_real_parameters_of_both_stages(study):
     from harness.adapters.inject import trainable_numel
-    from harness.budget import lora_count
-    from harness.run_model import load_run_model
+    from harness.model.run_folder import load_run_model
+    from harness.plan.budget import lora_count
 
     T, r, k = 3, 2, 1
     total = T * r * SUM_IN_OUT + T * SUM_IN
@@ -481,7 +481,7 @@ def test_budget_counts_equal_the_real_parameters_of_both_stages(study):
 
 def test_solver_picks_the_per_task_rank_or_says_why_not():
     from harness.adapters import BudgetError, TargetShape, get_method
-    from harness.budget import BudgetRequest
+    from harness.plan.budget import BudgetRequest
 
     moa = get_method("moa")
     shapes = [TargetShape("q", 32, 32), TargetShape("down", 64, 32)]
@@ -513,8 +513,8 @@ def test_solver_picks_the_per_task_rank_or_says_why_not():
 
 def test_bad_moa_options_name_the_option(tmp_path):
     from harness.adapters import OptionError, get_method
-    from harness.config import load_config
-    from harness.study import plan_study
+    from harness.plan.config import load_config
+    from harness.plan.study import plan_study
 
     bad = study_dict(tmp_path, moa={"name": "moa", "options": {"tasks": ["color", "nope"]}})
     with pytest.raises(OptionError, match=r"moa option tasks = \['color', 'nope'\]: \['nope'\] not in the training data"):
@@ -557,7 +557,7 @@ def _edit(path: Path, edit) -> None:
 )
 def test_compose_refuses_incompatible_folders_naming_folder_and_field(study, tmp_path, field, edit):
     from harness.adapters import ComponentError
-    from harness.compose import compose
+    from harness.run.compose import compose
 
     odd = _copy(study, "tool", tmp_path, "odd")
     edit(odd)
@@ -567,7 +567,7 @@ def test_compose_refuses_incompatible_folders_naming_folder_and_field(study, tmp
 
 
 def test_compose_refuses_duplicates_missing_files_and_non_lora_folders(study, tmp_path, capsys):
-    from harness.cli import main
+    from harness.cli.main import main
 
     first = adapter_dir(study, "color")
     twin = _copy(study, "color", tmp_path, "twin")
@@ -594,7 +594,7 @@ def test_compose_refuses_duplicates_missing_files_and_non_lora_folders(study, tm
 
 def test_run_loading_refuses_adapters_in_the_wrong_order(study):
     from harness.adapters import ComponentError
-    from harness.run_model import load_run_model
+    from harness.model.run_folder import load_run_model
 
     spec_path = study.run_dir / "run.json"
     original = spec_path.read_text()
@@ -653,8 +653,8 @@ def test_router_accuracy_counts_the_adapter_the_router_picks(study):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from harness.evaluate import SUITE_GROUP, SUITE_PREFIX
-    from harness.lm_model import HarnessLM
+    from harness.model.lm_eval_model import HarnessLM
+    from harness.run.evaluate import SUITE_GROUP, SUITE_PREFIX
     from methods.moa import MoALayer
 
     lm = HarnessLM(run_dir=str(study.run_dir), device="cpu")

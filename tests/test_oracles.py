@@ -24,9 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.oracles import hydralora as hydra_ref
+from tests.oracles import loramoe as loramoe_ref
 from tests.oracles import malora as malora_ref
 from tests.oracles import mixlora as mixlora_ref
 from tests.oracles import moa as moa_ref
+from tests.oracles import mode as mode_ref
+from tests.oracles import mola as mola_ref
 from tests.oracles import molora as molora_ref
 from tests.oracles import multilora as multilora_ref
 from tests.oracles import sira as sira_ref
@@ -852,3 +855,226 @@ def test_every_oracle_names_its_source():
         assert mod.SOURCE and mod.__doc__
     assert len(smora_ref.SOURCE["commit"]) == 40 and len(molora_ref.SOURCE["commit"]) == 40
     assert math.isclose(smora_ref.AUTHORS_BIAS_UPDATE_RATE, 1e-5)
+
+
+# ======================================================================================
+# HydraLoRA (built-in) — official code: Clin0212/HydraLoRA, peft/tuners/lora.py
+# ======================================================================================
+
+
+def test_hydralora_method_matches_authors_code():
+    """Our built-in HydraLoRA (one shared A, E heads, dense softmax router) against the
+    authors' forward: outputs and the gradients of x, A, every head's B and the router."""
+    E, r = 4, 2
+    layer, method, config = build("hydralora", "HydraLoRA", heads=E, rank=r, alpha=32.0)
+    assert method.count(config, method_shape()).total == r * D_IN + E * r * D_OUT + E * D_IN
+    x = tokens()
+    xo = leaf(x)
+    out = layer(xo)
+    A, W = leaf(layer.lora_A), leaf(layer.router.weight)
+    Bs = [leaf(layer.lora_B[e]) for e in range(E)]
+    xr = leaf(x)
+    ref = hydra_ref.hydralora_forward(
+        xr, layer.base_layer.weight, layer.base_layer.bias, A, Bs, W,
+        lora_alpha=32.0, r=r, softmax_dtype=DT,
+    )  # fmt: skip
+    close(out, ref)
+    gx, gA, gB, gW = grads(out, [xo, layer.lora_A, layer.lora_B, layer.router.weight])
+    rx, rA, rW, *rBs = grads(ref, [xr, A, W, *Bs])
+    close(gx, rx)
+    close(gA, rA)
+    close(gB, torch.stack(rBs))
+    close(gW, rW)
+
+
+def method_shape():
+    from harness.adapters import TargetShape
+
+    return TargetShape("linear", D_IN, D_OUT)
+
+
+# ======================================================================================
+# LoRAMoE — official code: Ablustrund/LoRAMoE, peft/tuners/lora.py (tests/oracles/loramoe.py)
+# ======================================================================================
+
+
+def loramoe_reference(layer, x, types, **kw):
+    E, r = layer.num_experts, layer.expert_rank
+    xr, W = leaf(x), leaf(layer.router.weight)
+    As = [leaf(layer.lora_A[e * r : (e + 1) * r]) for e in range(E)]
+    Bs = [leaf(layer.lora_B[:, e * r : (e + 1) * r]) for e in range(E)]
+    out, blc = loramoe_ref.loramoe_forward(
+        xr, layer.base_layer.weight, layer.base_layer.bias, W, As, Bs,
+        lora_alpha=layer.config.alpha, r=r, task_types=types, **kw,
+    )  # fmt: skip
+    return out, blc, xr, W, As, Bs
+
+
+@pytest.mark.parametrize("E", [4, 6])
+def test_loramoe_matches_authors_code_with_localized_balance(E):
+    """Soft routing and the localized balancing constraint (cv² of the type-weighted
+    importance) against the authors' forward: outputs, the auxiliary loss, and the
+    gradients of the output and of the loss."""
+    r = 2
+    layer, method, config = build(
+        "loramoe", "LoRAMoE", num_experts=E, expert_rank=r, alpha=32.0,
+        balance_weight=0.3, balance_alpha=0.2, knowledge_tasks=["kq"],
+    )  # fmt: skip
+    types = method.task_label_ids(config, ["kq", "other", "kq"])
+    assert types.tolist() == [1, 0, 1]
+    layer.train()
+    layer.task_labels = types
+    x = tokens()
+    xo = leaf(x)
+    out = layer(xo)
+    aux = layer.aux_loss()
+    ref, blc, xr, W, As, Bs = loramoe_reference(layer, x, types, blc_alpha=0.2, blc_weight=0.3)
+    close(out, ref)
+    assert float(blc.detach()) > 0
+    close32(aux, blc)
+    gx, gA, gB, gW = grads(out, [xo, layer.lora_A, layer.lora_B, layer.router.weight])
+    rx, rW, *rAB = grads(ref, [xr, W, *As, *Bs])
+    close32(gx, rx)  # the router's softmax is float32 on both sides
+    close(gA.view(E, r, D_IN), torch.stack(rAB[:E]))
+    close(as_B_blocks(gB, E, r), torch.stack(rAB[E:]))
+    close32(gW, rW)
+    ax, aW = torch.autograd.grad(aux, [xo, layer.router.weight])
+    bx, bW = torch.autograd.grad(blc, [xr, W])
+    close32(ax, bx)
+    close32(aW, bW)
+
+
+def test_loramoe_no_constraint_without_labels_or_in_eval():
+    """The constraint needs each sequence's type (training only), as the authors' code
+    (``task_types=None`` gives 0); ``balance_weight: 0`` is the released script's setting."""
+    layer, method, config = build("loramoe", "LoRAMoE", num_experts=4, expert_rank=2)
+    assert (config.balance_weight, config.balance_alpha) == (0.1, 0.1)
+    layer.train()
+    layer(tokens())
+    assert layer.aux_loss() is None
+    layer.task_labels = method.task_label_ids(config, ["a", "b", "c"])
+    layer.eval()
+    layer(tokens())
+    assert layer.aux_loss() is None
+    off, _, _ = build("loramoe", "LoRAMoE", num_experts=4, expert_rank=2, balance_weight=0.0)
+    off.train()
+    off.task_labels = torch.tensor([0, 1, 0])
+    off(tokens())
+    assert off.aux_loss() is None
+
+
+def test_loramoe_differs_padding_not_in_importance():
+    """Difference: the authors' importance sums every position of the padded batch; ours
+    only the real tokens. Without the padded positions the two agree."""
+    layer, _, _ = build("loramoe", "LoRAMoE", num_experts=4, expert_rank=2, balance_weight=1.0)
+    layer.train()
+    types = torch.tensor([0, 1, 0])
+    layer.task_labels = types
+    mask = torch.ones(BATCH, SEQ, dtype=torch.bool)
+    mask[1, 3:] = False
+    x = tokens()
+    layer.token_mask = mask.reshape(-1)
+    layer(x)
+    ours = layer.aux_loss()
+    _, authors, *_ = loramoe_reference(layer, x, types, blc_alpha=0.1, blc_weight=1.0)
+    not_close(ours.to(DT), authors.to(DT))
+    layer.token_mask = None
+    gate = torch.softmax(layer.router(x).float(), dim=-1) * mask.unsqueeze(-1)
+    importance = gate.sum(1)
+    coef = torch.where((types == 1).unsqueeze(-1) == (torch.arange(4) < 2), 1.1, 0.9)
+    close32(ours, loramoe_ref.cv_squared((importance * coef).flatten()))
+
+
+# ======================================================================================
+# MoLA — official code: GCYZSL/MoLA, src/mola_lora_hacked.py (tests/oracles/mola.py)
+# ======================================================================================
+
+
+def mola_reference(layer, x, k):
+    E, r = layer.num_experts, layer.expert_rank
+    xr, W = leaf(x), leaf(layer.router.weight)
+    As = [leaf(layer.lora_A[e * r : (e + 1) * r]) for e in range(E)]
+    Bs = [leaf(layer.lora_B[:, e * r : (e + 1) * r]) for e in range(E)]
+    out = mola_ref.linear_moe_forward(
+        xr, layer.base_layer.weight, layer.base_layer.bias, W, As, Bs,
+        top_k=k, lora_alpha=layer.config.alpha, r=r, softmax_dtype=DT,
+    )  # fmt: skip
+    return out, xr, W, As, Bs
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("E", [2, 6])
+def test_mola_layer_matches_authors_code(E, path):
+    """One layer of MoLA (top-2 of E experts, renormalised) against the authors'
+    ``Linear_MoE.forward``: outputs and every gradient."""
+    r, k = 2, 2
+    layer, _, _ = build("mola", "MoLA", num_experts=E, expert_rank=r, top_k=k, alpha=16.0, path=path)
+    x = tokens()
+    xo = leaf(x)
+    out = layer(xo)
+    ref, xr, W, As, Bs = mola_reference(layer, x, k)
+    close(out, ref)
+    gx, gA, gB, gW = grads(out, [xo, layer.lora_A, layer.lora_B, layer.router.weight])
+    rx, rW, *rAB = grads(ref, [xr, W, *As, *Bs])
+    close(gx, rx)
+    close(gA.view(E, r, D_IN), torch.stack(rAB[:E]))
+    close(as_B_blocks(gB, E, r), torch.stack(rAB[E:]))
+    close(gW, rW)
+
+
+def test_mola_solves_the_papers_allocation_on_32_layers():
+    """At the paper's setting (32 layers, rank-8 experts, 5 a layer on average: R = 40,
+    top-2: K = 16, G = 5) the solver gives exactly the authors' per-layer lists
+    (``number_experts`` 2x8, 4x8, 6x8, 8x8; ``top_k`` 2), and the total is LoRA rank 40's."""
+    from harness.adapters import BudgetRequest, TargetShape, Variant
+    from harness.adapters.grid import layer_positions, lora_count
+
+    method = method_module("mola").MoLA()
+    shapes = [TargetShape(f"model.layers.{i}.mlp.up_proj", D_IN, D_OUT) for i in range(32)]
+    config = method.solve(BudgetRequest(40, 16, (5,)), Variant(5, "G5"), shapes)
+    assert config.experts_per_group == [2, 4, 6, 8] and config.expert_rank == 8 and config.top_k == 2
+    positions = layer_positions(shapes)
+    per_layer = [method.layer_config(config, *positions[s.name]) for s in shapes]
+    assert [c.num_experts for c in per_layer] == mola_ref.PAPER_NUMBER_EXPERTS
+    assert [c.top_k for c in per_layer] == mola_ref.PAPER_TOP_K
+    count = method.count_model(config, shapes)
+    assert count.total - count.router == lora_count(40, shapes)
+    assert count.router == sum(mola_ref.PAPER_NUMBER_EXPERTS) * D_IN
+    assert method.describe(config)["experts_per_layer"] == "2-4-6-8"
+
+
+# ======================================================================================
+# MoDE — no official code: the paper's dyadic sum (tests/oracles/mode.py)
+# ======================================================================================
+
+
+@pytest.mark.parametrize("k", [None, 1, 2])
+def test_mode_matches_paper_dyadic_sum(k):
+    """Shared A, per-expert up-projections, one router per rank dimension: our stacked
+    layer against the paper's sum over every (rank dimension, expert) dyad, outputs and
+    the gradients of every a_j, b_{i,j}, router and the input."""
+    n, r = 4, 3
+    layer, _, _ = build("mode", "MoDE", num_experts=n, expert_rank=r, top_k=k, alpha=8.0)
+    x = tokens()
+    xo = leaf(x)
+    out = layer(xo)
+    a_rows = [leaf(layer.lora_A[j]) for j in range(r)]
+    b_cols = [[leaf(layer.lora_B[:, i * r + j]) for j in range(r)] for i in range(n)]
+    routers = [leaf(layer.router.weight[j * n : (j + 1) * n]) for j in range(r)]
+    xr = leaf(x)
+    delta = mode_ref.mode_delta(xr.reshape(-1, D_IN), a_rows, b_cols, routers, alpha=8.0, top_k=k)
+    ref = layer.base_layer(xr) + delta.view(BATCH, SEQ, D_OUT)
+    close(out, ref)
+    flat_b = [b for row in b_cols for b in row]
+    gx, gA, gB, gW = grads(out, [xo, layer.lora_A, layer.lora_B, layer.router.weight])
+    rx, *rest = grads(ref, [xr, *a_rows, *flat_b, *routers])
+    close(gx, rx)
+    close(gA, torch.stack(rest[:r]))
+    close(gB.T, torch.stack(rest[r : r + n * r]))  # column i·r + j is b_{i,j}
+    close(gW, torch.cat(rest[r + n * r :]))
+
+
+def test_new_oracles_name_their_source():
+    assert loramoe_ref.SOURCE["commit"] == "117728885a4069b74d3fe0f2d71ca84fa5918df4"
+    assert mola_ref.SOURCE["commit"] == "01785c84c70846999638b11b88409fdf86361d9a"
+    assert mode_ref.SOURCE["paper"] == "arXiv 2408.01505" and mode_ref.__doc__

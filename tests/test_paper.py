@@ -3,7 +3,7 @@ selection, the warm-up ratio, gradient checkpointing with SMoRA's bias, and the
 ``data.source: lm_eval`` path (train splits of lm-eval tasks, evaluation on them).
 
 Nothing here needs a GPU, network or weights: the 7B models are built on the meta
-device from the config.json files in harness/model_configs/, and the lm-eval path
+device from the config.json files in harness/model/configs/, and the lm-eval path
 runs on two local lm-eval task YAMLs over local JSON files.
 """
 
@@ -22,7 +22,7 @@ import pytest
 import torch
 import yaml
 
-from harness.config import load_config, validate_config
+from harness.plan.config import load_config, validate_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER = ROOT / "config" / "paper.yaml"
@@ -51,7 +51,7 @@ def test_paper_configs_state_the_smora_study(path):
 
 
 def test_lm_eval_source_needs_eval_tasks():
-    from harness.config import ConfigError
+    from harness.plan.config import ConfigError
 
     raw = yaml.safe_load(PAPER.read_text())
     raw["eval"].pop("tasks")
@@ -65,7 +65,7 @@ def test_lm_eval_source_needs_eval_tasks():
 @functools.cache
 def _paper_plan(path: Path):
     """The study plan (budget solved on the meta device); read-only, so shared by tests."""
-    from harness.study import plan_study
+    from harness.plan.study import plan_study
 
     cwd = os.getcwd()
     os.chdir(ROOT)  # config_json is relative to the repository root
@@ -119,7 +119,7 @@ def test_paper_budget_is_verified_against_real_modules_on_meta(capsys):
     """What `python -m harness budget --config config/paper.yaml` prints: the counts of the
     real modules built on the meta device equal the analytic counts, for every row."""
     from harness.adapters import get_method
-    from harness.budget import verify_counts
+    from harness.plan.budget import verify_counts
 
     plan = _paper_plan(PAPER_QWEN)
     # Qwen2.5-7B: grouped-query attention, k_proj and v_proj 3584 -> 512; q/k/v have a bias
@@ -170,11 +170,12 @@ def test_slurm_dry_run_of_the_paper_dag():
     expected_train = len(mixtures) * len(grans) * len(seeds) + 2 * len(seeds) * ("lora" in methods)
     plan = _paper_plan(PAPER)
     assert expected_train == len(plan.trained_runs) == 5 * 4 * 3 + 2 * 3
-    expected_eval = expected_train + int(config["eval"]["include_base"])
+    # one job trains and scores a run; the untrained base model is scored on its own
+    expected_eval = int(config["eval"]["include_base"])
     assert stats["train"] == expected_train
     assert stats["evaluate"] == expected_eval
     assert all(stats[rule] == 1 for rule in FIXED_RULES)
-    assert stats["total"] == expected_train + expected_eval + len(FIXED_RULES) == 138
+    assert stats["total"] == expected_train + expected_eval + len(FIXED_RULES) == 72
 
     # one GPU per training and evaluation job, with the profile's memory and time; the
     # CPU jobs ask for none
@@ -187,7 +188,7 @@ def test_slurm_dry_run_of_the_paper_dag():
             resources.setdefault(rule[1], res[1])
     for rule in ("train", "evaluate"):
         assert "gpu=1" in resources[rule] and "slurm_partition=" in resources[rule], resources[rule]
-    assert "runtime=1440" in resources["train"] and "mem_mb=64000" in resources["train"]
+    assert "runtime=1680" in resources["train"] and "mem_mb=64000" in resources["train"]
     assert "gpu=" not in resources["data"] and "gpu=" not in resources["summary"]
 
 
@@ -215,7 +216,7 @@ def test_conda_env_pins_match_the_lock_file():
 def test_device_selection_falls_back_to_cpu(monkeypatch):
     from contextlib import nullcontext
 
-    from harness.runtime import autocast_context, select_device
+    from harness.model.base import autocast_context, select_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert select_device("auto") == torch.device("cpu")
@@ -239,7 +240,7 @@ def test_device_selection_falls_back_to_cpu(monkeypatch):
 
 
 def test_warmup_ratio_is_a_ceil_of_the_steps():
-    from harness.train import warmup_steps
+    from harness.plan.study import warmup_steps
 
     assert warmup_steps({"warmup_steps": 10, "warmup_ratio": None}, 200) == 10
     assert warmup_steps({"warmup_steps": 10, "warmup_ratio": 0.1}, 27_669) == 2767
@@ -281,8 +282,8 @@ def test_gradient_checkpointing_keeps_smora_bias_updates_once_per_step(tmp_path,
     routers must see the same token masks there, and the bias must move once per optimizer
     step, exactly as without checkpointing."""
     from harness.data.prepare import prepare_data
-    from harness.study import plan_study
-    from harness.train import train_run
+    from harness.plan.study import plan_study
+    from harness.run.train import train_run
     from methods.smora import SMoRALayer
 
     calls, routes = [], []
@@ -369,11 +370,11 @@ def _write_local_lm_eval_tasks(folder: Path) -> list[str]:
 
 
 def test_lm_eval_source_trains_on_train_splits_and_scores_eval_tasks(tmp_path):
+    from harness.analysis.results import suite_score
     from harness.data.prepare import prepare_data
-    from harness.evaluate import evaluate_run
-    from harness.results import suite_score
-    from harness.study import plan_study
-    from harness.train import train_run
+    from harness.plan.study import plan_study
+    from harness.run.evaluate import evaluate_run
+    from harness.run.train import train_run
 
     tasks = _write_local_lm_eval_tasks(tmp_path / "tasks")
     config = _tiny_study(

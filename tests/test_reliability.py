@@ -100,8 +100,8 @@ def metrics_target(config: Path, cwd: Path) -> str:
 def run_ids(config: Path, cwd: Path) -> list[str]:
     """What `python -m harness plan` lists (planned in-process: no files are touched)."""
     from harness.adapters import load_plugin
-    from harness.config import load_config
-    from harness.study import plan_study
+    from harness.plan.config import load_config
+    from harness.plan.study import plan_study
 
     loaded = load_config(config)
     sys.path.insert(0, str(cwd))
@@ -137,7 +137,7 @@ def strip_volatile(metrics: dict) -> dict:
     ],
 )
 def test_1_schema_errors_name_key_value_and_what_is_allowed(tmp_path, override, fragments):
-    from harness.config import ConfigError, load_config
+    from harness.plan.config import ConfigError, load_config
 
     path = study_config(tmp_path, **override)
     with pytest.raises(ConfigError) as error:
@@ -220,7 +220,7 @@ def test_4_malformed_training_file_names_file_and_line(tmp_path):
 
 
 def test_5_missing_model_says_what_was_tried_and_how_to_fix_it(tmp_path):
-    from harness.modeling import ModelSourceError, resolve_model
+    from harness.model.load import ModelSourceError, resolve_model
 
     missing = tmp_path / "no-such-model"
     with pytest.raises(ModelSourceError) as error:
@@ -416,7 +416,7 @@ def test_8_a_killed_run_resumes_from_its_checkpoint_with_identical_results(tmp_p
 
 
 def test_9_an_interrupted_write_leaves_the_previous_file_intact(tmp_path):
-    from harness.io import atomic_write_json
+    from harness.common.files import atomic_write_json
 
     target = tmp_path / "metrics.json"
     atomic_write_json(target, {"suite_acc": 0.5})
@@ -430,8 +430,8 @@ def test_9_an_interrupted_write_leaves_the_previous_file_intact(tmp_path):
 
 
 def test_9_result_writers_go_through_the_atomic_helpers():
-    sources = {p.name: p.read_text() for p in (ROOT / "harness").glob("*.py")}
-    for name in ("train.py", "evaluate.py", "summary.py", "aggregate.py"):
+    sources = {p.name: p.read_text() for p in (ROOT / "harness").rglob("*.py")}
+    for name in ("train.py", "evaluate.py", "summary.py", "tables.py"):
         text = sources[name]
         assert "atomic_write" in text, name
         assert ".write_text(" not in text and "json.dump(" not in text, name
@@ -485,7 +485,7 @@ def test_11_changes_give_new_folders_and_nothing_is_overwritten(two_identical_st
     # asking for a finished run again is refused, and the files stay byte-identical
     retrain = harness(["train", "--config", str(cfg), "--run", run_id], folder)
     assert retrain.returncode == 2
-    assert f"{run_dir.relative_to(folder)}/train.json exists" in retrain.stderr
+    assert f"{run_dir.relative_to(folder)}/metrics.json exists: this run is already trained and scored" in retrain.stderr
     assert "never overwritten" in retrain.stderr
     reeval = harness(["evaluate", "--config", str(cfg), "--run", run_id], folder)
     assert reeval.returncode == 2 and "metrics.json exists" in reeval.stderr
@@ -495,7 +495,7 @@ def test_11_changes_give_new_folders_and_nothing_is_overwritten(two_identical_st
 def test_11_a_folder_holding_a_different_run_is_refused(tmp_path):
     from types import SimpleNamespace
 
-    from harness.run_model import RunFolderConflict, write_run_spec
+    from harness.model.run_folder import RunFolderConflict, write_run_spec
 
     run = SimpleNamespace(
         run_id="x",
@@ -541,7 +541,7 @@ def test_12_every_run_folder_holds_what_is_needed_to_rerun_it(two_identical_stud
 
 def cli(args, capsys, monkeypatch, cwd: Path) -> tuple[int, str, str]:
     """``python -m harness ARGS`` in-process (no interpreter start-up): exit code, out, err."""
-    from harness.cli import main
+    from harness.cli.main import main
 
     monkeypatch.chdir(cwd)
     code = main([str(a) for a in args])
@@ -604,10 +604,10 @@ def test_16_2_a_plugin_with_its_own_bug_is_named_through_the_cli(tmp_path):
 
 @pytest.fixture
 def trained_tiny(tmp_path, capsys, monkeypatch):
-    """A one-run study trained in-process: ``(config path, run id)``."""
+    """A one-run study trained (not scored) in-process: ``(config path, run id)``."""
     path = study_config(tmp_path, train__steps=4, train__checkpoint_every=0)
     (run_id,) = run_ids(path, tmp_path)
-    for args in (["data", "--config", path], ["train", "--config", path, "--run", run_id, "--quiet"]):
+    for args in (["data", "--config", path], ["train", "--config", path, "--run", run_id, "--quiet", "--no-score"]):
         code, _, err = cli(args, capsys, monkeypatch, tmp_path)
         assert code == 0, err
     return path, run_id
@@ -638,8 +638,26 @@ def test_16_3_evaluating_a_run_without_weights_says_how_to_restore_them_and_that
     assert out.startswith(f"{run_id}: suite acc ")
 
 
+def test_16_3_train_scores_a_trained_run_without_retraining_it(trained_tiny, tmp_path, capsys, monkeypatch):
+    """The train job of a run whose training finished but whose scores are missing (what
+    the Snakefile schedules when a metrics.json is lost) scores it and leaves the training
+    as it was; without its weights (a fresh clone) it restores them first."""
+    import shutil
+
+    path, run_id = trained_tiny
+    run_dir = tmp_path / "out" / "runs" / run_id
+    before = (run_dir / "train.json").read_bytes(), (run_dir / "train_log.jsonl").read_bytes()
+    shutil.rmtree(run_dir / "adapter")
+    code, out, err = cli(["train", "--config", path, "--run", run_id, "--quiet"], capsys, monkeypatch, tmp_path)
+    assert code == 0, err
+    assert f"{run_id}: weights restored (4 steps retrained, identical losses at every step)" in out
+    assert f"{run_id}: already trained" in out and f"{run_id}: suite score " in out
+    assert ((run_dir / "train.json").read_bytes(), (run_dir / "train_log.jsonl").read_bytes()) == before
+    assert json.loads((run_dir / "metrics.json").read_text())["run_id"] == run_id
+
+
 def test_16_3_every_argument_of_every_command_says_what_it_takes():
-    from harness.cli import build_parser
+    from harness.cli.main import build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
@@ -653,7 +671,27 @@ def test_16_3_every_argument_of_every_command_says_what_it_takes():
         ), name
 
 
+def _jobs(output: str) -> dict[str, int]:
+    """Rule -> job count from Snakemake's "Job stats" table (empty: nothing to do)."""
+    if "Job stats:" not in output:
+        return {}
+    jobs = {}
+    for line in output.split("Job stats:", 1)[1].splitlines()[3:]:
+        parts = line.split()
+        if len(parts) != 2 or parts[0] == "total":
+            break
+        jobs[parts[0]] = int(parts[1])
+    return jobs
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def test_16_4_a_lost_or_corrupt_result_is_redone_by_the_next_snakemake_and_status_names_it(tmp_path, capsys, monkeypatch):
+    """A dry run lists exactly the jobs the real run runs, and reading the Snakefile changes
+    nothing: a deleted metrics.json is one train job (scoring only: the training is kept),
+    a corrupt one a set_aside job and that train job."""
     path = study_config(tmp_path, train__steps=3, train__checkpoint_every=0)
     done = snakemake(["--cores", "2", "--configfile", str(path)], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -665,35 +703,40 @@ def test_16_4_a_lost_or_corrupt_result_is_redone_by_the_next_snakemake_and_statu
     code, out, _ = cli(["status", "--config", path], capsys, monkeypatch, tmp_path)
     assert code == 0 and "missing" in out and "trained, not evaluated" in out
     assert f"python -m harness evaluate --config {path} --run {run_id}" in out
-    # a dry run names it (and changes nothing); the next real run redoes exactly that
+    # the dry run names the job and changes nothing; the real run runs exactly that
+    before = _tree(tmp_path / "out")
     dry = snakemake(["-n", "--cores", "1", "--configfile", str(path)], tmp_path)
-    assert f"results of study 'rel' are incomplete ({run_id})" in dry.stdout + dry.stderr
-    assert (tmp_path / "out" / "summary.csv").exists()
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    planned = _jobs(dry.stdout + dry.stderr)
+    assert planned == {"train": 1, "figures": 1, "summary": 1, "tables": 1, "all": 1}, dry.stdout[-3000:]
+    assert f"run={run_id}" in dry.stdout + dry.stderr
+    assert _tree(tmp_path / "out") == before
     redo = snakemake(["--cores", "1", "--configfile", str(path)], tmp_path)
     assert redo.returncode == 0, redo.stderr[-2000:]
-    text = redo.stdout + redo.stderr
-    assert "rule evaluate" in text.replace("localrule", "rule") and "rule train:" not in text
+    assert _jobs(redo.stdout + redo.stderr) == planned
+    log = (tmp_path / "out" / "logs" / "train" / f"{run_id}.log").read_text()
+    assert f"{run_id}: already trained" in log  # scored again, not retrained
     assert json.loads(metrics.read_text())["run_id"] == run_id
+    again = snakemake(["-n", "--cores", "1", "--configfile", str(path)], tmp_path)
+    assert "Nothing to be done" in again.stdout + again.stderr
 
     # a half-written file (a crash outside the atomic writers): named, moved aside, redone
     metrics.chmod(0o644)
     metrics.write_text('{"run_id": "' + run_id + '", "suite_a')
     code, out, _ = cli(["status", "--config", path], capsys, monkeypatch, tmp_path)
     assert "corrupt" in out and "metrics.json: not valid JSON" in out
-    # what `snakemake -n` prints (repair without applying), and nothing moves
-    from harness.config import load_config
-    from harness.status import repair
-    from harness.study import plan_study
-
-    monkeypatch.chdir(tmp_path)
-    notes = repair(plan_study(load_config(path)), apply=False)
-    assert f"out/runs/{run_id}/metrics.json is corrupt: a run (not a dry run) moves it aside and redoes its job" in notes
-    assert not list(run_dir.glob("metrics.json.corrupt-*"))
+    before = _tree(tmp_path / "out")
+    dry = snakemake(["-n", "--cores", "1", "--configfile", str(path)], tmp_path)
+    planned = _jobs(dry.stdout + dry.stderr)
+    assert planned == {"set_aside": 1, "train": 1, "figures": 1, "summary": 1, "tables": 1, "all": 1}
+    assert f"out/runs/{run_id}/metrics.json.corrupt-" in dry.stdout
+    assert _tree(tmp_path / "out") == before  # a dry run moves nothing
     redo = snakemake(["--cores", "1", "--configfile", str(path)], tmp_path)
     assert redo.returncode == 0, redo.stderr[-2000:]
-    assert f"out/runs/{run_id}/metrics.json is corrupt: moved to metrics.json.corrupt-" in redo.stdout + redo.stderr
+    assert _jobs(redo.stdout + redo.stderr) == planned
     assert json.loads(metrics.read_text())["run_id"] == run_id  # evaluated again
-    assert list(run_dir.glob("metrics.json.corrupt-*"))  # the broken file is kept, not deleted
+    (kept,) = run_dir.glob("metrics.json.corrupt-*")  # the broken file is kept, not deleted
+    assert kept.read_text() == '{"run_id": "' + run_id + '", "suite_a'
 
 
 def test_16_6_a_config_file_that_does_not_exist_is_named_with_the_configs_there(tmp_path, capsys, monkeypatch):
@@ -713,8 +756,8 @@ def test_16_7_an_edited_training_line_reruns_exactly_the_runs_that_read_it(tmp_p
     path = jsonl_study(tmp_path, train, test, methods=["smora", "moa"],
                        budget={"total_rank": 4, "active_rank": 2, "granularities": [2]})
     before_runs = run_ids(path, tmp_path)
-    from harness.config import load_config
-    from harness.study import plan_study
+    from harness.plan.config import load_config
+    from harness.plan.study import plan_study
 
     before = {c.tasks[0]: c.run_id for c in plan_study(load_config(path)).components}
     # edit one line of task "color"
@@ -737,9 +780,9 @@ def test_16_7_an_edited_training_line_reruns_exactly_the_runs_that_read_it(tmp_p
 
 
 def test_16_7_a_stale_evaluation_is_moved_aside_and_redone(trained_tiny, tmp_path, capsys, monkeypatch):
-    from harness.config import load_config
-    from harness.status import repair
-    from harness.study import plan_study
+    from harness.plan.config import load_config
+    from harness.plan.status import aside_name, invalid_files
+    from harness.plan.study import plan_study
 
     path, run_id = trained_tiny
     assert cli(["evaluate", "--config", path, "--run", run_id, "--quiet"], capsys, monkeypatch, tmp_path)[0] == 0
@@ -749,10 +792,16 @@ def test_16_7_a_stale_evaluation_is_moved_aside_and_redone(trained_tiny, tmp_pat
     metrics.chmod(0o644)
     metrics.write_text(json.dumps(data))
     _, out, _ = cli(["status", "--config", path], capsys, monkeypatch, tmp_path)
-    assert "stale" in out and "evaluated on test data that has changed since" in out
-    notes = repair(plan_study(load_config(path)))
-    assert any("is stale: moved to metrics.json.stale-" in n for n in notes)
-    assert not metrics.exists() and list(metrics.parent.glob("metrics.json.stale-*"))
+    assert "stale" in out and "scored on test data that has changed since" in out
+    monkeypatch.chdir(tmp_path)
+    plan = plan_study(load_config(path))
+    ((found, why, _),) = invalid_files(plan, plan.run(run_id))
+    assert (found.resolve(), why) == (metrics.resolve(), "stale")
+    target = aside_name(found, why)
+    code, out, err = cli(["set-aside", "--file", str(found), "--to", str(target)], capsys, monkeypatch, tmp_path)
+    assert code == 0, err
+    assert not metrics.exists() and json.loads(target.read_text())["test_data"] == "an older test set"
+    assert invalid_files(plan, plan.run(run_id)) == []
 
 
 def test_16_8_moving_the_config_file_redoes_nothing(tmp_path):
@@ -768,10 +817,29 @@ def test_16_8_moving_the_config_file_redoes_nothing(tmp_path):
 def test_16_9_a_harness_from_another_checkout_is_named(tmp_path):
     (tmp_path / "harness").mkdir()
     (tmp_path / "harness" / "__init__.py").write_text("")  # another checkout's package, not imported
-    result = subprocess.run([sys.executable, "-c", "import sys; sys.path.remove(''); from harness.cli import main; sys.exit(main(['methods']))"],
+    result = subprocess.run([sys.executable, "-c", "import sys; sys.path.remove(''); from harness.cli.main import main; sys.exit(main(['methods']))"],
                             cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     assert f"warning: this command runs the harness in {ROOT}, not the checkout in {tmp_path}" in result.stderr
+
+
+def test_16_9_lm_evals_moe_lora_model_from_another_checkout_names_it(tmp_path):
+    """``lm_eval`` run from a second clone imports whichever harness the environment holds
+    (the .pth hook registers the model by import path): the model says which one it is."""
+    (tmp_path / "harness").mkdir()
+    (tmp_path / "harness" / "__init__.py").write_text("")  # another checkout's package, not imported
+    code = (
+        "import sys; sys.path.remove('')\n"
+        "import lm_eval.api.registry as r\n"
+        "from harness.model.lm_eval_model import HarnessLM\n"
+        "try:\n    HarnessLM(run_dir='no-such-run')\nexcept FileNotFoundError as e:\n    print('refused:', e)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env(), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (f"warning: lm-eval's moe-lora model runs the harness in {ROOT}, not the checkout in "
+            f"{tmp_path}") in result.stderr
+    assert "refused: no-such-run is not a run folder" in result.stdout
 
 
 # -- more mistakes ------------------------------------------------------------------------------
@@ -793,7 +861,7 @@ def test_16_9_a_harness_from_another_checkout_is_named(tmp_path):
     ],
 )
 def test_16_more_config_mistakes_are_refused_naming_key_and_what_is_valid(tmp_path, overrides, fragments):
-    from harness.config import ConfigError, load_config
+    from harness.plan.config import ConfigError, load_config
 
     with pytest.raises(ConfigError) as err:
         load_config(study_config(tmp_path, **overrides))
@@ -802,7 +870,7 @@ def test_16_more_config_mistakes_are_refused_naming_key_and_what_is_valid(tmp_pa
 
 
 def test_16_invalid_yaml_names_the_file_and_line(tmp_path):
-    from harness.config import ConfigError, load_config
+    from harness.plan.config import ConfigError, load_config
 
     path = tmp_path / "study.yaml"
     path.write_text("study: x\nmodel:\n\tsource: tiny-random\n")
@@ -882,7 +950,7 @@ def test_16_a_run_id_typo_is_answered_with_the_near_ones(tmp_path, capsys, monke
 def test_16_a_full_disk_during_a_write_keeps_the_previous_file(tmp_path, monkeypatch):
     import errno
 
-    from harness.io import atomic_write_json
+    from harness.common.files import atomic_write_json
 
     target = tmp_path / "metrics.json"
     atomic_write_json(target, {"suite_acc": 0.5})
@@ -895,15 +963,6 @@ def test_16_a_full_disk_during_a_write_keeps_the_previous_file(tmp_path, monkeyp
         atomic_write_json(target, {"suite_acc": 0.9})
     assert json.loads(target.read_text()) == {"suite_acc": 0.5}
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temporary file left
-
-
-def test_16_a_second_snakemake_on_the_same_study_leaves_the_run_folders_alone(tmp_path, monkeypatch, capsys):
-    from harness import snakemake_support
-
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / ".snakemake" / "locks").mkdir(parents=True)
-    (tmp_path / ".snakemake" / "locks" / "0.input.lock").write_text("")
-    assert snakemake_support._locked_by_another_snakemake()
 
 
 def test_16_a_plugin_path_typo_gets_the_install_hint(tmp_path):

@@ -8,8 +8,8 @@ import torch
 
 from harness.adapters import get_method
 from harness.adapters.inject import apply_method
-from harness.modeling import adapted_layer_indices, target_shapes
-from harness.split import (
+from harness.model.load import adapted_layer_indices, target_shapes
+from harness.model.lower_cache import (
     LowerCache,
     full_forward,
     logits_at,
@@ -17,7 +17,7 @@ from harness.split import (
     pad_batch,
     upper_forward,
 )
-from harness.train import Batcher, Example, answer_loss
+from harness.run.train import Batcher, Example, answer_loss
 from tests.conftest import make_tiny_llama
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

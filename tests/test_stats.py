@@ -1,4 +1,4 @@
-"""Known-answer tests of harness.stats (crossed paired bootstrap, Holm, trends, power)."""
+"""Known-answer tests of harness.analysis.stats (crossed paired bootstrap, Holm, trends, power)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
-from harness.stats import (
+from harness.analysis.stats import (
     ci_half_width,
     compare_family,
     estimate_components,
@@ -34,7 +34,7 @@ def _binary(rng, p, shape):
 
 
 def test_stats_imports_nothing_from_harness():
-    src = Path(__file__).resolve().parents[1] / "harness" / "stats.py"
+    src = Path(__file__).resolve().parents[1] / "harness" / "analysis" / "stats.py"
     tree = ast.parse(src.read_text())
     imported = set()
     for node in ast.walk(tree):

@@ -14,6 +14,7 @@ plugin imports).
 * :mod:`~harness.adapters.inject` — putting a method into a model (``apply_method``) and
   the ``AdapterHandle`` the training loop talks to;
 * :mod:`~harness.adapters.registry` — names -> methods, plugins, entry points;
+* :mod:`~harness.adapters.metrics` — ``Metric``: a metric declared once (name, unit, label);
 * :mod:`~harness.adapters.testing` — checks a plugin author runs on a layer.
 
 Nothing here imports the engine (study planning, training, evaluation, workflow).
@@ -40,6 +41,7 @@ from harness.adapters.errors import (
 )
 from harness.adapters.grid import BudgetRequest, ParamCount, TargetShape, Variant
 from harness.adapters.inject import AdapterHandle, apply_method, trainable_numel
+from harness.adapters.metrics import Metric
 from harness.adapters.mixture import (
     BlockMixtureLayer,
     BlockMixtureMethod,
@@ -68,6 +70,7 @@ __all__ = [
     "CountMismatchError",
     "Method",
     "MethodConfig",
+    "Metric",
     "MixtureConfig",
     "OptionError",
     "ParamCount",

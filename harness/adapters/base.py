@@ -39,7 +39,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from harness.adapters.grid import BudgetRequest, ParamCount, TargetShape, Variant
+from harness.adapters.grid import BudgetRequest, ParamCount, TargetShape, Variant, layer_positions
+from harness.adapters.metrics import Metric
 from harness.adapters.routing import TokenBatch
 
 if TYPE_CHECKING:
@@ -69,10 +70,32 @@ class PlanContext:
 
 
 class TrainingHooks:
-    """Mixin: the three calls the training loop makes on every module that has them."""
+    """Mixin: the three calls the training loop makes on every module that has them.
+
+    An auxiliary loss (load balancing, router supervision, ...) is handed over with
+    :meth:`add_aux_loss` during the forward; the training loop collects it once per step
+    through :meth:`aux_loss` and adds it to the task loss (nothing to override)."""
+
+    _pending_aux: dict[str, torch.Tensor] | None = None
+
+    def add_aux_loss(self, loss: torch.Tensor, name: str = "aux") -> None:
+        """Hand over this forward's auxiliary loss ``loss`` (a scalar tensor, already weighted).
+        Losses of different ``name`` add up; a second value of the same name replaces the
+        first (a forward recomputed by gradient checkpointing hands its loss over again)."""
+        if self._pending_aux is None:
+            self._pending_aux = {}
+        self._pending_aux[name] = loss
 
     def aux_loss(self) -> torch.Tensor | None:
-        return None
+        """This step's auxiliary loss (``None``: none), handed over once and then cleared."""
+        pending, self._pending_aux = self._pending_aux, None
+        if not pending:
+            return None
+        values = list(pending.values())
+        total = values[0]
+        for value in values[1:]:
+            total = total + value
+        return total
 
     def after_optimizer_step(self) -> None:
         return None
@@ -192,6 +215,9 @@ class Method(ABC):
     #: an ablation names the method it changes one thing of: the significance table then
     #: compares the two at every granularity both ran (e.g. SMoRA with the paper's bias rate)
     ablation_of: ClassVar[str | None] = None
+    #: the numbers :meth:`evaluation_metrics` returns, declared once (name, label, unit,
+    #: higher-is-better): the tables print each in its unit
+    metrics: ClassVar[tuple[Metric, ...]] = ()
 
     @property
     def label(self) -> str:
@@ -216,11 +242,32 @@ class Method(ABC):
         return [Variant(g, f"G{g}") for g in request.granularities]
 
     def apply(self, model: nn.Module, targets: list[TargetShape], config: MethodConfig) -> None:
-        """Put this method's adapter into ``model`` in place (frozen base layers stay frozen)."""
-        replace_linears(model, [t.name for t in targets], lambda base: self.make_layer(base, config))
+        """Put this method's adapter into ``model`` in place (frozen base layers stay frozen);
+        each target gets :meth:`layer_config` of its depth."""
+        positions = layer_positions(targets)
+        for t in targets:
+            layer_config = self.layer_config(config, *positions[t.name])
+            replace_linears(model, [t.name], lambda base, c=layer_config: self.make_layer(base, c))
+
+    def layer_config(self, config: MethodConfig, layer: int, layers: int) -> MethodConfig:
+        """The config of the adapter on the ``layer``-th of the ``layers`` adapted decoder
+        layers (0 = the lowest; positions come from the target names, see
+        :func:`~harness.adapters.grid.layer_positions`). Default: the same config at every
+        depth. A method whose adapter varies with depth (MoLA: more experts in higher
+        layers) returns each layer's own config here; :meth:`count_model`, :meth:`apply`
+        and the budget's real-``numel`` check all go through it, so the study's totals are
+        the sums over the layers. A config already resolved to one layer must come back
+        unchanged (a lone layer is position 0 of 1)."""
+        return config
 
     @abstractmethod
     def describe(self, config: MethodConfig) -> dict[str, Any]: ...
+
+    def budget_note(self, config: MethodConfig) -> str | None:
+        """What the budget table's note says of this method's activated parameters (``None``:
+        the engine's default: "dense: ..." for a dense method, the deviation from LoRA rank
+        K otherwise). A method whose experts per token vary (a threshold router) says so here."""
+        return None
 
     def is_dense(self, config: MethodConfig) -> bool:
         """True when every parameter shapes every token, so activated equals total and the
@@ -270,7 +317,12 @@ class Method(ABC):
         return out
 
     def count_model(self, config: MethodConfig, shapes: Iterable[TargetShape]) -> ParamCount:
-        return ParamCount.sum(self.count(config, s) for s in shapes)
+        """Counts summed over the adapted modules, each with its depth's :meth:`layer_config`."""
+        shapes = list(shapes)
+        if type(self).layer_config is Method.layer_config:
+            return ParamCount.sum(self.count(config, s) for s in shapes)
+        positions = layer_positions(shapes)
+        return ParamCount.sum(self.count(self.layer_config(config, *positions[s.name]), s) for s in shapes)
 
     # -- optional hooks (no-ops by default) -----------------------------------------------
     def prepare_options(self, options: dict[str, Any], context: PlanContext) -> dict[str, Any]:
@@ -312,8 +364,19 @@ class Method(ABC):
         """Task names -> indices the layers understand (-1: no label); see ``needs_task_labels``."""
         raise NotImplementedError(f"method {self.name!r} does not use task labels")
 
+    def export_peft(
+        self, config: MethodConfig, state: dict[str, torch.Tensor], targets: list[TargetShape],
+        folder: Any, base_model: str,
+    ) -> None:
+        """Write a trained adapter (``state``, as ``AdapterHandle.adapter_state_dict`` gives it)
+        as a peft adapter folder that lm-eval's ``hf`` model loads with ``peft=<folder>``;
+        only methods peft itself implements can (the identity check scores such a run both
+        ways)."""
+        raise NotImplementedError(f"method {self.name!r} is not a peft adapter")
+
     def evaluation_metrics(self, config: MethodConfig, routing: RoutingRecord) -> dict[str, Any]:
         """Extra numbers for ``metrics.json`` from the evaluation's routing record (which
-        experts each task's scored sequences used). Scalars become columns of the main
-        table (mean over seeds)."""
+        experts each task's scored sequences used). Scalars become columns of the summary
+        and the main table (mean over seeds), shown as :attr:`metrics` declares them (a
+        ``share`` in percent, a ``count`` as is; an undeclared number as a plain score)."""
         return {}

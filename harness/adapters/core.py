@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 #: E·r / (k·r) at and above which the sparse path is chosen by ``path: auto``.
-#: Measured by ``python -m harness bench`` (results/default/bench/crossover.csv, SMoRA
+#: Measured by ``python -m harness bench`` (results/synthetic/bench/crossover.csv, SMoRA
 #: with rank-1 experts, top-4, two CPU threads), after the dense path's router and
 #: down-projection became one matmul: sparse / dense step time 1.77 at E/k = 4, 1.45 at
 #: 64, 1.36 at 128 and 1.12 at 256 (the largest measured; 1.90 to 1.08 in another run);

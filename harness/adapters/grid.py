@@ -16,7 +16,7 @@ Accounting modes (``BudgetRequest.router``):
   that fit.
 
 The study-level solver (one row per run, checks against real modules) is the engine's
-:mod:`harness.budget`; this module holds only what a method's ``solve`` needs.
+:mod:`harness.plan.budget`; this module holds only what a method's ``solve`` needs.
 """
 
 from __future__ import annotations
@@ -157,6 +157,29 @@ def standard_grid(
             f"R={R}, K={K}: {feasible}; nearest: {near}"
         )
     return G, R // G, K * G // R
+
+
+# -- depth: where each adapted module sits --------------------------------------------------
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder layer of a target module's qualified name: its first all-digit component
+    (``model.layers.7.mlp.up_proj`` -> 7); ``None`` for a name without one."""
+    for part in name.split("."):
+        if part.isdigit():
+            return int(part)
+    return None
+
+
+def layer_positions(shapes: Iterable[TargetShape]) -> dict[str, tuple[int, int]]:
+    """Target name -> ``(position, layers)``: its decoder layer's rank among the adapted
+    decoder layers (0 = the lowest) and their number. A name without a layer index is at
+    position 0 (a lone layer, as in ``check_layer``)."""
+    names = [s.name for s in shapes]
+    indices = sorted({i for i in map(layer_index, names) if i is not None})
+    rank = {i: p for p, i in enumerate(indices)}
+    layers = max(1, len(indices))
+    return {n: (rank.get(layer_index(n), 0), layers) for n in names}
 
 
 # -- totals ------------------------------------------------------------------------------

@@ -72,7 +72,6 @@ class BlockMixtureLayer(AdapterLayer):
         self._logits: torch.Tensor | None = None
         self._routing: Routing | None = None
         self._routing_mask: torch.Tensor | None = None
-        self._aux: torch.Tensor | None = None
 
     def _init_projections(self) -> None:
         rank = self.num_experts * self.expert_rank
@@ -156,10 +155,6 @@ class BlockMixtureLayer(AdapterLayer):
         load = self._routing.expert_load(self.num_experts, self._routing_mask)
         return None if load is None else load.detach()
 
-    def aux_loss(self) -> torch.Tensor | None:
-        aux, self._aux = self._aux, None
-        return aux
-
     def extra_repr(self) -> str:
         return (
             f"experts={self.num_experts}, expert_rank={self.expert_rank}, top_k={self.top_k}, "
@@ -174,14 +169,17 @@ def mixture_counts(
     top_k: int | None,
     router: bool,
     extra_total: int = 0,
+    extra_router: int = 0,
 ) -> ParamCount:
     """Counts for stacked experts: ``E·r·(d_in + d_out)`` adapter plus ``E·d_in`` router.
 
     ``activated`` keeps ``top_k`` experts (all when ``None``) plus the router;
-    ``extra_total`` is added to both (always-used parameters such as MultiLoRA's scales).
+    ``extra_total`` is added to both (always-used parameters such as MultiLoRA's scales);
+    ``extra_router`` is router parameters beyond the ``E x d_in`` gate (a threshold network,
+    a bias), counted in all three numbers.
     """
     per_expert = expert_rank * (shape.d_in + shape.d_out)
-    n_router = num_experts * shape.d_in if router else 0
+    n_router = (num_experts * shape.d_in if router else 0) + extra_router
     active = num_experts if top_k is None else top_k
     return ParamCount(
         total=num_experts * per_expert + n_router + extra_total,

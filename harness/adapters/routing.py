@@ -364,11 +364,26 @@ class RoutingRecord:
     ``shares[module][task]``: the mean, over the task's scored sequences, of each
     sequence's expert shares averaged over its real tokens (a list of ``E`` numbers
     summing to 1; :meth:`Routing.token_shares` per token). ``sequences[task]``: how many
-    sequences of the task were scored. Every sequence weighs the same, whatever its length.
+    sequences of the task were scored. ``active[module][task]``: how many experts a real
+    token was routed to, averaged over each sequence's tokens, then over the task's
+    sequences (a threshold router's varying count; ``G`` for a dense soft router). Every
+    sequence weighs the same, whatever its length.
     """
 
     shares: dict[str, dict[str, list[float]]]
     sequences: dict[str, int]
+    active: dict[str, dict[str, float]] | None = None
+
+    def experts_per_token(self) -> float | None:
+        """The experts a token was routed to, averaged over the scored sequences (tasks
+        weighted by their number of sequences) and over the modules."""
+        if not self.active:
+            return None
+        values = []
+        for by_task in self.active.values():
+            total = sum(self.sequences.get(t, 0) for t in by_task)
+            values.append(sum(self.sequences.get(t, 0) * v for t, v in by_task.items()) / max(total, 1))
+        return sum(values) / len(values)
 
     def pooled(self, module: str) -> list[float]:
         """The module's expert shares over every scored sequence (tasks weighted by their

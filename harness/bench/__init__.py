@@ -9,14 +9,14 @@ The package, one module per job: :mod:`~harness.bench.options` (settings),
 Everything is measured in **one process**, on one base model, one batch and one
 sequence length, through the code the study itself runs:
 
-* a training step is :func:`harness.train.answer_loss` (upper layers from the
+* a training step is :func:`harness.run.train.answer_loss` (upper layers from the
   cached lower hidden states, logits only at the answer positions) plus the
   method's auxiliary loss, backward, gradient clipping, AdamW, the scheduler and
   ``handle.after_optimizer_step()`` — the calls and order of
-  :func:`harness.train.train_run`, with adapters inserted by
+  :func:`harness.run.train.train_run`, with adapters inserted by
   :func:`harness.adapters.apply_method`;
-* an evaluation batch is :func:`harness.lm_model.score_logprobs` in eval mode
-  (the forward that lm-eval's requests go through in :class:`~harness.lm_model.HarnessLM`).
+* an evaluation batch is :func:`harness.model.lm_eval_model.score_logprobs` in eval mode
+  (the forward that lm-eval's requests go through in :class:`~harness.model.lm_eval_model.HarnessLM`).
 
 The base model is loaded once. Each contender (a method at one variant) gets its
 own copy of the adapted decoder layers — the frozen weights are shared, not

@@ -16,9 +16,9 @@ from torch import nn
 
 from harness.adapters import apply_method, get_method, read_component
 from harness.adapters.core import choose_path
-from harness.lm_model import score_logprobs
-from harness.modeling import decoder_layers
-from harness.train import make_optimizer, make_scheduler, optimizer_step
+from harness.model.lm_eval_model import score_logprobs
+from harness.model.load import decoder_layers
+from harness.run.train import make_optimizer, make_scheduler, optimizer_step
 
 if TYPE_CHECKING:
     from harness.bench.context import BenchContext
@@ -94,7 +94,7 @@ def make_contender(
 ) -> Contender:
     """Copies of the adapted layers (frozen weights shared), the method applied to them (with
     the components a staged run is built on, loaded and frozen), AdamW and the scheduler
-    as :func:`harness.train.train_run` builds them."""
+    as :func:`harness.run.train.train_run` builds them."""
     train_cfg = ctx.config["train"]
     method = get_method(method_name)
     layers = {i: _share_frozen(layer) for i, layer in ctx.original_layers.items()}
@@ -131,7 +131,7 @@ def make_contender(
 
 
 def train_step(ctx: BenchContext, c: Contender, meter: SavedTensorMeter | None = None) -> float:
-    """One optimizer step, :func:`harness.train.optimizer_step` as the training loop calls it."""
+    """One optimizer step, :func:`harness.run.train.optimizer_step` as the training loop calls it."""
     batch = ctx.train_full if c.full_depth else ctx.train_cached
     start = None if c.full_depth else ctx.start
     labels = ctx.train_tasks if c.handle.method.needs_task_labels else None
@@ -149,7 +149,7 @@ def train_step(ctx: BenchContext, c: Contender, meter: SavedTensorMeter | None =
 
 @torch.no_grad()
 def eval_batch(ctx: BenchContext, c: Contender) -> torch.Tensor:
-    """The scoring forward of :class:`harness.lm_model.HarnessLM` on the evaluation batch
+    """The scoring forward of :class:`harness.model.lm_eval_model.HarnessLM` on the evaluation batch
     (real tokens marked for the routers, the same autocast, as there)."""
     inputs, mask, rows, cols = ctx.eval_full if c.full_depth else ctx.eval_cached
     start = None if c.full_depth else ctx.start

@@ -12,13 +12,13 @@ import torch
 from torch import nn
 
 from harness.bench.options import BenchOptions
-from harness.config import ConfigError
 from harness.data.jsonl import load_jsonl
 from harness.data.suite import suite_from_config
-from harness.modeling import cache_root, decoder_layers
-from harness.runtime import autocast_context, load_base
-from harness.split import LowerCache, pad_batch
-from harness.train import Batcher, batch_schedule, build_examples
+from harness.model.base import autocast_context, load_base
+from harness.model.load import cache_root, decoder_layers
+from harness.model.lower_cache import LowerCache, pad_batch
+from harness.plan.config import ConfigError
+from harness.run.train import Batcher, batch_schedule, build_examples
 
 
 @dataclass
@@ -78,7 +78,7 @@ def _pad_to(batch: tuple, length: int | None, pad_id: int) -> tuple:
 
 
 def build_context(config: dict[str, Any], options: BenchOptions) -> BenchContext:
-    """Load the base model once (:func:`harness.runtime.load_base`, as every job does), build
+    """Load the base model once (:func:`harness.model.base.load_base`, as every job does), build
     one training batch (cached and full depth) and one evaluation batch."""
     model_cfg, train_cfg = config["model"], config["train"]
     torch.set_num_threads(options.threads)

@@ -11,7 +11,7 @@ from harness.adapters import BudgetRequest, Variant, get_method
 from harness.adapters.core import choose_path
 from harness.bench.contenders import make_contender, release
 from harness.bench.timing import summarise, time_round_robin
-from harness.study import load_methods
+from harness.plan.study import load_methods
 
 if TYPE_CHECKING:
     from harness.bench.context import BenchContext
@@ -66,8 +66,9 @@ def bench_crossover(ctx: BenchContext, log: Callable[[str], None]) -> list[dict]
 
 def crossover_point(rows: list[dict]) -> float | None:
     """The smallest ``experts / top-k`` from which on the sparse path is faster at every
-    measured point (``None``: dense wins somewhere at the largest counts)."""
-    ratios = sorted({r["experts_per_top_k"]: r["sparse_over_dense"] for r in rows}.items())
+    measured point (``None``: dense wins somewhere at the largest counts). Rows may come from
+    the bench or from its CSV (numbers as text)."""
+    ratios = sorted({float(r["experts_per_top_k"]): float(r["sparse_over_dense"]) for r in rows}.items())
     point = None
     for ratio, rel in reversed(ratios):
         if rel < 1.0:

@@ -16,17 +16,17 @@ import torch
 from harness.adapters import get_method
 from harness.bench.contenders import install, make_contender, note, release
 from harness.data.prepare import prepare_data
-from harness.evaluate import evaluate_run
-from harness.modeling import cache_root
-from harness.run_model import write_run_spec
-from harness.study import plan_study
+from harness.model.load import cache_root
+from harness.model.run_folder import write_run_spec
+from harness.plan.study import plan_study
+from harness.run.evaluate import evaluate_run
 
 if TYPE_CHECKING:
     from harness.bench.context import BenchContext
 
 
 def bench_eval_cache(ctx: BenchContext, log: Callable[[str], None], work: Path) -> dict | None:
-    """One real evaluation (:func:`harness.evaluate.evaluate_run`, lm-eval on the study's
+    """One real evaluation (:func:`harness.run.evaluate.evaluate_run`, lm-eval on the study's
     task folder) of an (untrained) LoRA rank R adapter, three ways: with the shared
     evaluation cache when it does not exist yet (the first run of a study builds it),
     when it exists (every later run), and without it (``model.lower_layer_cache: false``:

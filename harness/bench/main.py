@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from harness.adapters import BudgetRequest, get_method, reference_method
 from harness.bench.contenders import make_contender, release, state_bytes
 from harness.bench.timing import ratio_range, summarise, time_round_robin
-from harness.study import plan_study
+from harness.plan.study import plan_study
 
 if TYPE_CHECKING:
     from harness.bench.context import BenchContext

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from harness.adapters import BlockMixtureMethod, Method, get_method
-from harness.config import ConfigError
-from harness.study import load_methods
+from harness.plan.config import ConfigError
+from harness.plan.study import load_methods
 
 
 def has_sparse_path(method: Method, options: dict[str, Any]) -> bool:
@@ -24,7 +24,7 @@ def has_sparse_path(method: Method, options: dict[str, Any]) -> bool:
 
 @dataclass
 class BenchOptions:
-    """The ``bench:`` section of a study config (``harness/config_schema.yaml``, same defaults)."""
+    """The ``bench:`` section of a study config (``harness/plan/config_schema.yaml``, same defaults)."""
 
     warmup_steps: int = 3
     timed_steps: int = 10

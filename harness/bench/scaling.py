@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from harness.adapters import BudgetError, BudgetRequest, Variant, reference_method
 from harness.bench.contenders import make_contender, note, release
 from harness.bench.timing import summarise, time_round_robin
-from harness.study import load_methods
+from harness.plan.study import load_methods
 
 if TYPE_CHECKING:
     from harness.bench.context import BenchContext

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from harness.io import write_if_changed
+from harness.common.files import write_if_changed
 
 REQUIRED_FIELDS = ("question", "choices", "label")
 OPTIONAL_FIELDS = ("task",)

@@ -4,7 +4,7 @@
 
     folder/{prefix}_{T}.yaml      one multiple_choice task, named {prefix}_{T}
     folder/data/{T}.jsonl         its docs, in item order
-    folder/{prefix}_suite.yaml    the group over all tasks: mean acc, unweighted
+    folder/{prefix}_suite.yaml    the group over all tasks: mean acc and acc_norm, unweighted
     folder/suite_data.py          the loader the task YAMLs call
 
 The folder is self-contained and relocatable: each task YAML says
@@ -30,9 +30,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from harness.common.files import write_if_changed
+from harness.common.metrics import metrics_for
 from harness.data.jsonl import dumps_jsonl, validate_item
 from harness.data.prompts import LM_EVAL_DOC_TO_TEXT, TARGET_DELIMITER
-from harness.io import write_if_changed
 
 LOADER_MODULE = "suite_data"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -71,6 +72,32 @@ def load(file=None, **kwargs):
         rows = [json.loads(line) for line in handle if line.strip()]
     test = datasets.Dataset.from_list(rows)
     return datasets.DatasetDict({"test": test})
+
+
+def load_general_text(file=None, **kwargs):
+    """The general-text documents as lm-eval's wikitext task reads them: ``page`` holds a
+    document's text (the file's ``text`` field)."""
+    import datasets
+
+    path = HERE / file
+    with open(path, encoding="utf-8") as handle:
+        rows = [json.loads(line) for line in handle if line.strip()]
+    pages = [{"page": row["text"], "title": row.get("page") or row.get("title") or ""} for row in rows]
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(pages)})
+
+
+def detokenize(doc):
+    """lm-eval's own WikiText detokenizer (its wikitext task's ``doc_to_target``)."""
+    from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer
+
+    return wikitext_detokenizer(doc)
+
+
+def process_general_text(doc, results):
+    """lm-eval's own word and byte counts (its wikitext task's ``process_results``)."""
+    from lm_eval.tasks.wikitext.preprocess_wikitext import process_results
+
+    return process_results(doc, results)
 '''
 
 
@@ -87,8 +114,50 @@ def _q(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def task_yaml(task: str, prefix: str = "moelora") -> str:
-    """The YAML text of one suite task."""
+#: the name of the general-text task (not part of the suite group)
+GENERAL_TEXT = "general_text"
+
+
+def general_text_yaml(prefix: str = "moelora") -> str:
+    """The YAML text of the general-text task: lm-eval's ``loglikelihood_rolling`` over each
+    document, as its ``wikitext`` task (the same detokenizer and word/byte counts)."""
+    return (
+        "# Written by harness.data.lm_eval_tasks (do not edit: the data step rewrites it).\n"
+        f"task: {task_name(GENERAL_TEXT, prefix)}\n"
+        f"task_alias: {GENERAL_TEXT}\n"
+        f"custom_dataset: !function {LOADER_MODULE}.load_general_text\n"
+        "dataset_kwargs:\n"
+        f"  file: data/{GENERAL_TEXT}.jsonl\n"
+        "output_type: loglikelihood_rolling\n"
+        "test_split: test\n"
+        'doc_to_text: ""\n'
+        f"doc_to_target: !function {LOADER_MODULE}.detokenize\n"
+        f"process_results: !function {LOADER_MODULE}.process_general_text\n"
+        "metric_list:\n"
+        "  - metric: word_perplexity\n"
+        "  - metric: byte_perplexity\n"
+        "  - metric: bits_per_byte\n"
+        "metadata:\n"
+        "  version: 1.0\n"
+    )
+
+
+def _metric_list(metrics, key: str = "higher_is_better") -> list[str]:
+    lines = []
+    for m in metrics:
+        lines.append(f"  - metric: {m.name}")
+        lines.append(f"    aggregation: {m.aggregation}")
+        if key == "higher_is_better":
+            lines.append(f"    higher_is_better: {str(bool(m.higher_is_better)).lower()}")
+        else:
+            lines.append("    weight_by_size: false")
+    return lines
+
+
+def task_yaml(task: str, prefix: str = "moelora", items: Sequence[dict[str, Any]] | None = None) -> str:
+    """The YAML text of one suite task; its ``metric_list`` holds every registered task metric
+    that applies to its items (:func:`harness.common.metrics.metrics_for`)."""
+    metrics = metrics_for(items if items is not None else [])
     return (
         "# Written by harness.data.lm_eval_tasks (do not edit: the data step rewrites it).\n"
         f"task: {task_name(task, prefix)}\n"
@@ -103,31 +172,29 @@ def task_yaml(task: str, prefix: str = "moelora") -> str:
         "doc_to_target: label\n"
         f"target_delimiter: {_q(TARGET_DELIMITER)}\n"
         "metric_list:\n"
-        "  - metric: acc\n"
-        "    aggregation: mean\n"
-        "    higher_is_better: true\n"
-        "  - metric: acc_norm\n"
-        "    aggregation: mean\n"
-        "    higher_is_better: true\n"
-        "metadata:\n"
+        + "".join(line + "\n" for line in _metric_list(metrics))
+        + "metadata:\n"
         "  version: 1.0\n"
     )
 
 
-def group_yaml(tasks: Sequence[str], prefix: str = "moelora") -> str:
-    """The YAML text of the group over ``tasks``: mean acc, each task weighted equally."""
+def group_yaml(
+    tasks: Sequence[str], prefix: str = "moelora", items: Sequence[dict[str, Any]] | None = None
+) -> str:
+    """The YAML text of the group over ``tasks``: the mean of each binary metric every task
+    reports (acc, acc_norm), each task weighted equally."""
+    by_task: dict[str, list] = {}
+    for it in items or []:
+        by_task.setdefault(it["task"], []).append(it)
+    shared = [m for m in metrics_for([]) if m.binary and all(
+        m in metrics_for(by_task.get(t, [])) for t in tasks)]
     lines = [
         "# Written by harness.data.lm_eval_tasks (do not edit: the data step rewrites it).",
         f"group: {group_name(prefix)}",
         "task:",
         *(f"  - {task_name(t, prefix)}" for t in tasks),
         "aggregate_metric_list:",
-        "  - metric: acc",
-        "    aggregation: mean",
-        "    weight_by_size: false",
-        "  - metric: acc_norm",
-        "    aggregation: mean",
-        "    weight_by_size: false",
+        *_metric_list(shared, key="weight_by_size"),
         "metadata:",
         "  version: 1.0",
     ]
@@ -143,7 +210,10 @@ def _check_name(kind: str, name: Any) -> None:
 
 
 def write_task_folder(
-    test_items: list[dict[str, Any]], folder: Path, prefix: str = "moelora"
+    test_items: list[dict[str, Any]],
+    folder: Path,
+    prefix: str = "moelora",
+    general_text: str | Path | None = None,
 ) -> dict[str, Any]:
     """Write the task folder for ``test_items`` (grouped by their ``task`` field, tasks
     in order of first appearance, docs in item order). Returns
@@ -174,10 +244,10 @@ def write_task_folder(
 
     tasks = list(by_task)
     files: dict[str, str] = {LOADER_MODULE + ".py": LOADER_SOURCE}
-    files[f"{group_name(prefix)}.yaml"] = group_yaml(tasks, prefix)
+    files[f"{group_name(prefix)}.yaml"] = group_yaml(tasks, prefix, test_items)
     data_files = {}
     for task, items in by_task.items():
-        files[f"{task_name(task, prefix)}.yaml"] = task_yaml(task, prefix)
+        files[f"{task_name(task, prefix)}.yaml"] = task_yaml(task, prefix, items)
         data_files[task] = f"data/{task}.jsonl"
         files[data_files[task]] = dumps_jsonl(
             {
@@ -186,6 +256,12 @@ def write_task_folder(
             }
             for it in items
         )
+
+    if general_text is not None:
+        if GENERAL_TEXT in by_task:
+            raise ValueError(f"task name {GENERAL_TEXT!r} is reserved for eval.general_text; rename the task")
+        files[f"{task_name(GENERAL_TEXT, prefix)}.yaml"] = general_text_yaml(prefix)
+        files[f"data/{GENERAL_TEXT}.jsonl"] = Path(general_text).read_text(encoding="utf-8")
 
     # Remove what an earlier suite left behind (only files of this writer's naming).
     stale = [p for p in folder.glob(f"{prefix}_*.yaml") if p.name not in files]
@@ -199,5 +275,6 @@ def write_task_folder(
         "suite_tasks": tasks,
         "folder": str(folder),
         "data_files": data_files,
+        "general_text": task_name(GENERAL_TEXT, prefix) if general_text is not None else None,
         "written": written,
     }

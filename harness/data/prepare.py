@@ -34,11 +34,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from harness.common.files import write_if_changed
+from harness.common.metrics import primary_for
 from harness.data.jsonl import DataError, load_jsonl, write_jsonl
 from harness.data.lm_eval_tasks import write_task_folder
 from harness.data.suite import TASKS, generate_suite
-from harness.data.tasks import training_data_digest
-from harness.io import write_if_changed
+from harness.data.tasks import test_data_digest, training_data_digest
+from harness.data.validation import validation_split
 
 SOURCES = ("generated", "jsonl", "lm_eval")
 GENERATED_KEYS = ("source", "seed", "tasks", "train_per_task", "test_per_task")
@@ -133,21 +135,49 @@ def _families(items: list[dict]) -> dict[str, str] | None:
 
 
 def primary_metric(items: list[dict]) -> str:
-    """The metric a task is reported with, by its answer form: ``acc`` when every choice is
-    one word (the log-likelihoods compare like with like), else ``acc_norm`` (lm-eval's
-    length-normalised accuracy, the convention for tasks whose choices are phrases of
-    different lengths: ARC, OpenBookQA, PIQA, HellaSwag)."""
-    single = all(len(c.split()) == 1 for it in items for c in it["choices"])
-    return "acc" if single else "acc_norm"
+    """The metric a task is reported with, by its answer form (the metric registry's
+    :func:`harness.common.metrics.primary_for`: ``acc`` when every choice is one word,
+    ``acc_norm`` when the choices are phrases)."""
+    return primary_for(items)
+
+
+def load_general_text(path: str | Path) -> list[dict[str, Any]]:
+    """The documents of a general-text file (one ``{"text": ...}`` object a line), checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"eval.general_text: {path} is not a file (a JSONL of {{\"text\": ...}} documents)")
+    out = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            doc = json.loads(line)
+        except ValueError as exc:
+            raise DataError(f"{path}:{number}: not valid JSON ({exc})") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("text"), str) or not doc["text"].strip():
+            raise DataError(f"{path}:{number}: expected an object with a non-empty string field 'text'")
+        out.append(doc)
+    if not out:
+        raise DataError(f"{path}: no documents")
+    return out
 
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def prepare_data(data_cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+def prepare_data(
+    data_cfg: dict[str, Any],
+    out_dir: Path,
+    general_text: str | Path | None = None,
+    tune: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Write ``train.jsonl``, ``tasks/`` and ``data_summary.json`` into ``out_dir`` and
-    return the summary (see the module docstring)."""
+    return the summary (see the module docstring). ``general_text`` (``eval.general_text``):
+    a JSONL file of documents the task folder also scores by ``loglikelihood_rolling``.
+    ``tune`` (the config's ``tune`` section): also the tuning data, ``tune/train.jsonl`` (the
+    training items minus a validation split) and ``tune/tasks/`` (the validation items as an
+    lm-eval task folder), :func:`harness.data.validation.validation_split`."""
     source = _check_config(data_cfg)
     out_dir = Path(out_dir)
     summary: dict[str, Any] = {"source": source}
@@ -183,7 +213,7 @@ def prepare_data(data_cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
 
     train_file = out_dir / "train.jsonl"
     write_jsonl(train, train_file)
-    folder = write_task_folder(test, out_dir / "tasks", prefix=SUITE_PREFIX)
+    folder = write_task_folder(test, out_dir / "tasks", prefix=SUITE_PREFIX, general_text=general_text)
     test_files = {t: f"tasks/{rel}" for t, rel in folder["data_files"].items()}
     summary |= {
         "group": folder["group"],
@@ -214,7 +244,30 @@ def prepare_data(data_cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
             **{rel: _sha256(out_dir / rel) for rel in test_files.values()},
         },
     }
+    if tune:
+        tune_train, valid = validation_split(train, tune["validation_fraction"], tune["seed"])
+        write_jsonl(tune_train, out_dir / "tune" / "train.jsonl")
+        tune_folder = write_task_folder(valid, out_dir / "tune" / "tasks", prefix=SUITE_PREFIX)
+        summary["tune"] = {
+            "group": tune_folder["group"],
+            "tasks": tune_folder["tasks"],
+            "train_counts": _counts(tune_train),
+            "validation_counts": _counts(valid),
+            "validation_fraction": tune["validation_fraction"],
+            "seed": tune["seed"],
+            "files": {"train": "tune/train.jsonl", "task_folder": "tune/tasks"},
+        }
+    if general_text is not None:
+        documents = load_general_text(general_text)
+        summary["general_text"] = {
+            "task": folder["general_text"],
+            "file": str(general_text),
+            "sha256": _sha256(Path(general_text)),
+            "documents": len(documents),
+            "words": sum(len(d["text"].split()) for d in documents),
+        }
     summary["train_content"] = training_data_digest(data_cfg)
+    summary["test_content"] = test_data_digest({"data": data_cfg, "eval": {"general_text": general_text}})
     write_if_changed(out_dir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
     return summary
 

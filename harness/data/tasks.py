@@ -94,3 +94,15 @@ def training_data_digest(data_cfg: dict[str, Any]) -> str:
     if data_cfg["source"] == "lm_eval":
         return hashlib.sha256(json.dumps(data_cfg, sort_keys=True).encode()).hexdigest()[:16]
     return content_digest(task_digests(training_items(data_cfg)))
+
+
+def test_data_digest(config: dict[str, Any]) -> str | None:
+    """A digest of the test items the evaluation reads, and of the general text it scores
+    (``eval.general_text``; ``None``: lm-eval's own splits)."""
+    if config["data"]["source"] == "lm_eval":
+        return None
+    digests = task_digests(test_items(config["data"]))
+    general = (config.get("eval") or {}).get("general_text")
+    if general:
+        digests["(general text)"] = hashlib.sha256(Path(general).read_bytes()).hexdigest()
+    return content_digest(digests)

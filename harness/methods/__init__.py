@@ -2,9 +2,10 @@
 :mod:`harness.adapters` and the built-in methods to the top-level :mod:`methods` package.
 
 ``from harness.methods import BlockMixtureLayer`` (and every other toolkit name) and the
-old submodules (``harness.methods.routing``, ``harness.methods.mixture``, ...,
-``harness.methods.smora``) still work, with a ``DeprecationWarning`` that names the new
-import path.
+old toolkit submodules (``harness.methods.routing``, ``harness.methods.mixture``,
+``harness.methods.base``, ``core``, ``grid``, ``inject``, ``registry``, ``components``,
+``errors``) still work, with a ``DeprecationWarning`` that names the new import path. The
+built-in methods themselves are imported from :mod:`methods` (``methods.smora``).
 """
 
 from __future__ import annotations

@@ -95,6 +95,7 @@ from harness.adapters import (
     BlockMixtureMethod,
     BudgetError,
     ComponentError,
+    Metric,
     MixtureConfig,
     OptionError,
     Variant,
@@ -147,6 +148,7 @@ class MoA(BlockMixtureMethod):
     layer_cls = MoALayer
     sweeps_granularity = False
     needs_task_labels = True
+    metrics = (Metric("router_accuracy", "router accuracy", unit="share"),)
 
     # -- planning ----------------------------------------------------------------------
     def prepare_options(self, options, context) -> dict[str, Any]:

@@ -63,7 +63,7 @@ class MoALayer(BlockMixtureLayer):
             keep = keep * valid
         per_row = F.cross_entropy(logits.float(), labels.clamp_min(0), reduction="none")
         loss = (per_row * keep).sum() / keep.sum().clamp_min(1.0)
-        self._aux = self.config.router_supervision * self.supervision_scale * loss
+        self.add_aux_loss(self.config.router_supervision * self.supervision_scale * loss)
 
     def _labels(self, n_sequences: int, device: torch.device) -> torch.Tensor | None:
         labels = self.task_labels

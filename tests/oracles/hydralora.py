@@ -14,9 +14,10 @@ One shared down-projection ``A`` (``nn.Linear(d_in, r)``), ``N`` up-projections 
 The softmax is taken in float32 and cast to the output dtype (``softmax_dtype``); the
 layer also returns a constant zero "balance loss" (no auxiliary loss is used).
 
-HydraLoRA is not one of our methods; it is the common reference for a routed LoRA with
-an asymmetric (shared-A) structure, and two of our layers contain it exactly: MoLoRA
-(dense) with every expert's A tied, and MALoRA with ``P_e = I`` and ``k = E``.
+Our built-in ``hydralora`` (methods/hydralora.py) is held against it directly; it is also
+the common reference for a routed LoRA with an asymmetric (shared-A) structure, and two
+other layers contain it exactly: MoLoRA (dense) with every expert's A tied, and MALoRA
+with ``P_e = I`` and ``k = E``.
 """
 
 from __future__ import annotations

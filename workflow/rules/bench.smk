@@ -1,4 +1,4 @@
-# The speed benchmark (harness/bench.py, docs/performance.md): step time, tokens/s, memory
+# The speed benchmark (harness/bench/, docs/performance.md): step time, tokens/s, memory
 # and evaluation throughput of every method at the study's matched budget, as ratios to
 # peft LoRA rank R measured in the same process, plus the lower-layer cache, the
 # dense-vs-sparse crossover and the scaling sweeps. Not an input of `rule all`: run it

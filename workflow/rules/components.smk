@@ -5,19 +5,20 @@
 # `component_inputs` (common.smk). A component's name hashes only its own settings, so
 # changing the other components of a run reruns that run alone.
 #
-# Included by the Snakefile after the data rule; uses OUT, PLAN and CONFIG_PATH (common.smk).
+# Uses OUT, PLAN, CONFIG_PATH, one_of and redo_inputs (common.smk).
 
 
 rule train_component:
     input:
         ancient(rules.data.output.train),
+        ancient(redo_inputs),
     output:
         summary=protected(f"{OUT}/{{component}}/train.json"),
         log=f"{OUT}/{{component}}/train_log.jsonl",
     log:
         f"{OUT}/logs/components/{{component}}.log",
     wildcard_constraints:
-        component="|".join(re.escape(c.path) for c in PLAN.components) or "(?!)",
+        component=one_of([c.path for c in PLAN.components]),
     params:
         config=CONFIG_PATH,
         name=lambda wildcards: wildcards.component.rpartition("/")[2],
@@ -27,5 +28,4 @@ rule train_component:
     conda:
         "../../envs/harness.yaml"
     shell:
-        "python -m harness train --config {params.config:q} --run {params.name} > {log:q} 2>&1; "
-        "grep -h '^resumed ' {log:q} || true"
+        "python -m harness train --config {params.config:q} --run {params.name} --log {log:q}"

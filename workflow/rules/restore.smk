@@ -21,7 +21,7 @@ rule restore:
     log:
         f"{OUT}/logs/restore/{{path}}.log",
     wildcard_constraints:
-        path="|".join(re.escape(p) for p in RESTORABLE) or "(?!)",
+        path=one_of(RESTORABLE),
     threads: 1
     resources:
         mem_mb=4000,

@@ -1,0 +1,78 @@
+"""``python -m harness tables`` and ``python -m harness figures``: rebuild the study's tables
+(:mod:`harness.analysis.tables`) and figures (:mod:`harness.analysis.figures`) from stored run results.
+
+Both read only the run folders under ``{out_dir}/runs`` (and solve the budget from the
+config); neither trains nor evaluates. A run without its results stops the command
+with a message naming every missing run and file (exit status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from harness.plan.study import plan_from_file
+
+
+def _report(paths: list[Path], what: str) -> None:
+    print(f"wrote {len(paths)} {what} file(s):")
+    for path in paths:
+        print(f"  {path}")
+
+
+def cmd_tables(args: argparse.Namespace) -> int:
+    from harness.analysis.tables import write_tables
+
+    _, plan = plan_from_file(args.config)
+    _report(write_tables(plan, args.out, verify=not args.no_verify), "table")
+    return 0
+
+
+def cmd_figures(args: argparse.Namespace) -> int:
+    from harness.analysis.figures import write_figures
+
+    _, plan = plan_from_file(args.config)
+    _report(write_figures(plan, args.out), "figure")
+    return 0
+
+
+def cmd_robustness(args: argparse.Namespace) -> int:
+    from harness.analysis.robustness import write_robustness
+
+    _report(write_robustness(args.spec), "robustness")
+    return 0
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser(
+        "tables",
+        help="main, budget, significance and provenance tables from stored results "
+        "(CSV, Markdown, LaTeX) under <out_dir>/tables",
+    )
+    p.add_argument("--config", required=True, metavar="FILE", help="study config (YAML)")
+    p.add_argument("--out", default=None, help="write under this folder instead of out_dir")
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip checking the budget counts against layers built on the meta device",
+    )
+    p.set_defaults(func=cmd_tables)
+
+    p = sub.add_parser(
+        "figures",
+        help="granularity, parameters, per-task, expert-load and training-curve figures "
+        "from stored results (PNG, PDF) under <out_dir>/figures",
+    )
+    p.add_argument("--config", required=True, metavar="FILE", help="study config (YAML)")
+    p.add_argument("--out", default=None, help="write under this folder instead of out_dir")
+    p.set_defaults(func=cmd_figures)
+
+    p = sub.add_parser(
+        "robustness",
+        help="each headline comparison (finest vs coarsest G, finest G vs LoRA rank R) of "
+        "several studies side by side, one study per condition (router separate or counted, "
+        "tuned or shared learning rate)",
+    )
+    p.add_argument("--spec", default="config/robustness.yaml", metavar="FILE",
+                   help="the conditions: {out, conditions: [{study, condition, config}]}")
+    p.set_defaults(func=cmd_robustness)

@@ -1,0 +1,169 @@
+"""What the Snakefile needs: the config file in use, checked, the run plan, and the input
+functions that make the DAG tell the truth about the run folders.
+
+Reading the Snakefile validates and plans, nothing else: every check of ``python -m harness
+check`` runs (config, plugins and budget, data files, lm-eval task names, batches; the
+model and the lengths only warn here and stop a real run before its first job, in the
+``onstart`` hook, so a dry run on a machine without the weights still shows the DAG).
+Nothing is moved or written. A result that is corrupt, stale, of another run or a score
+without its training record is found by the input functions below at DAG-building time:
+they ask for the name the file is moved to (:func:`harness.plan.status.aside_name`), so
+``snakemake -n`` lists the ``set_aside`` job and the job that redoes the result, and the
+real run runs exactly those.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from harness.plan.checks import DRY_RUN_WARNINGS, PreflightError, run_checks
+from harness.plan.config import load_config
+from harness.plan.status import aside_name, invalid_data_summary, invalid_files
+
+DEFAULT_CONFIG = "config/default.yaml"
+
+
+class WorkflowConfigError(ValueError):
+    pass
+
+
+def config_path(workflow) -> str:
+    files = [str(f) for f in (workflow.overwrite_configfiles or [])]
+    if len(files) > 1:
+        raise WorkflowConfigError(
+            f"give one --configfile (got {len(files)}: {', '.join(files)}); a study is one file"
+        )
+    return files[0] if files else DEFAULT_CONFIG
+
+
+def load_study(workflow, snakemake_config: dict[str, Any]):
+    """``(config_path, validated config, plan)``; refuses ``--config`` overrides, which could
+    not reach the jobs (every rule reads the config file itself). Checks that need the base
+    model (its presence, the items' lengths) only warn here: :func:`assert_model_ready`
+    stops a real run on them before its first job."""
+    path = config_path(workflow)
+    config = load_config(path)  # a missing file is named, with the configs that exist
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    if snakemake_config and snakemake_config != raw:
+        changed = sorted(k for k in set(snakemake_config) | set(raw) if snakemake_config.get(k) != raw.get(k))
+        raise WorkflowConfigError(
+            f"--config overrides ({', '.join(changed)}) are not supported: every job reads "
+            f"{path} itself. Copy it, change the copy and pass it with --configfile."
+        )
+    checks, plan = run_checks(config)
+    failed = [c for c in checks if not c.ok]
+    for c in failed:
+        if c.name in DRY_RUN_WARNINGS:
+            print(f"harness: warning ({c.name}): {c.detail} — a run (not a dry run) stops here",
+                  file=sys.stderr)
+    fatal = [c for c in failed if c.name not in DRY_RUN_WARNINGS]
+    if fatal:
+        lines = "\n".join(f"- {c.name}: {c.detail}" for c in fatal)
+        raise PreflightError(f"the study cannot run; {len(fatal)} check(s) failed:\n{lines}")
+    return path, config, plan
+
+
+def assert_model_ready(config: dict[str, Any]) -> None:
+    """The ``onstart`` hook of a real run: stop before the first job when the model or the
+    lengths check failed (a dry run only warned)."""
+    checks, _ = run_checks(config)
+    failed = [c for c in checks if not c.ok and c.name in DRY_RUN_WARNINGS]
+    if failed:
+        lines = "\n".join(f"- {c.name}: {c.detail}" for c in failed)
+        raise PreflightError(f"the study cannot run; {len(failed)} check(s) failed:\n{lines}")
+
+
+def one_of(names: list[str]) -> str:
+    """A wildcard constraint matching exactly these names (nothing when there are none)."""
+    return "|".join(re.escape(n) for n in names) or "(?!)"
+
+
+def needs_weights(out_dir: str, path: str) -> list[str]:
+    """What a job that loads the trained weights of ``path`` (a run or component folder)
+    needs: its ``train.json`` (the train job writes the weights too), or, when the run is
+    finished but its weights are not here (a fresh clone: weights are never committed),
+    ``restore.json`` (the restore job retrains them and checks them against the record)."""
+    folder = Path(out_dir) / path
+    if (folder / "train.json").exists() and not (folder / "adapter" / "adapter.safetensors").exists():
+        return [f"{out_dir}/{path}/restore.json"]
+    return [f"{out_dir}/{path}/train.json"]
+
+
+def component_inputs_of(out_dir: str, plan):
+    """Input function for the ``train`` rule (and ``restore``): the components a run is built
+    on (``Run.components``), trained or, if only their weights are missing, restored."""
+    components = {run.run_id: list(run.components) for run in plan.runs}
+
+    def component_inputs(wildcards) -> list[str]:
+        run = getattr(wildcards, "run", None)
+        if run is not None and (Path(out_dir) / "runs" / run / "metrics.json").exists():
+            # a finished run's job will not run again: its components' weights are not
+            # needed (a fresh clone has none), only the record that they were trained
+            return [f"{out_dir}/{path}/train.json" for path in components.get(run, [])]
+        run_id = run or wildcards.path.rpartition("/")[2]
+        return [f for path in components.get(run_id, []) for f in needs_weights(out_dir, path)]
+
+    return component_inputs
+
+
+def redo_inputs_of(plan):
+    """Input function for the jobs that write a run's results (``train``, ``evaluate``,
+    ``train_component``): nothing when the run's results are there and valid; else the data
+    summary (so the job waits for a data step that must run first) and the names its invalid
+    result files are moved to (so the ``set_aside`` job moves them first). Wrapped in
+    ``ancient`` by the rules: once moved, an old file never triggers the job again."""
+    data_summary = plan.out_dir / "data" / "data_summary.json"
+
+    def redo_inputs(wildcards) -> list[str]:
+        run_id = getattr(wildcards, "run", None) or wildcards.component.rpartition("/")[2]
+        run = plan.run(run_id)
+        invalid = [str(aside_name(path, why)) for path, why, _ in invalid_files(plan, run)]
+        done = plan.run_dir(run) / ("train.json" if run.is_component else "metrics.json")
+        return invalid + ([str(data_summary)] if invalid or not done.exists() else [])
+
+    return redo_inputs
+
+
+def tuned_rate_inputs_of(out_dir: str, plan):
+    """Input function for the ``train`` rule: a tuned run waits for the tune stage's choice
+    (``tuning/rates.json``); other runs for nothing."""
+    tuned = {run.run_id for run in plan.runs if run.tuned}
+
+    def tuned_rate_inputs(wildcards) -> list[str]:
+        return [f"{out_dir}/tuning/rates.json"] if wildcards.run in tuned else []
+
+    return tuned_rate_inputs
+
+
+def every_set_aside_of(config: dict[str, Any], plan):
+    """Input function for ``rule all``: the names every invalid result file of the study is
+    moved to. Asked for by the target itself, so a dry run lists each ``set_aside`` job and,
+    through it, the job that redoes the result (Snakemake schedules the producer of an
+    intermediate file only for a job that must run)."""
+
+    def every_set_aside(wildcards) -> list[str]:
+        names = [
+            str(aside_name(path, why))
+            for run in [*plan.components, *plan.tuning, *plan.runs]
+            for path, why, _ in invalid_files(plan, run)
+        ]
+        found = invalid_data_summary(config)
+        return names + ([] if found is None else [str(aside_name(found[0], found[1]))])
+
+    return every_set_aside
+
+
+def data_set_aside_inputs_of(config: dict[str, Any]):
+    """Input function for the ``data`` rule: a corrupt or stale ``data_summary.json`` is moved
+    aside, so the data step writes it again."""
+
+    def data_inputs(wildcards) -> list[str]:
+        found = invalid_data_summary(config)
+        return [] if found is None else [str(aside_name(found[0], found[1]))]
+
+    return data_inputs
