@@ -197,6 +197,39 @@ def test_one_registry_entry_a_forgetting_and_a_cost_column_reach_summary_and_mai
     assert (out / "figures" / "cost.png").stat().st_size > 1000
 
 
+def test_the_tune_stage_chose_each_rate_on_the_validation_split_and_the_final_runs_trained_at_it(smoke):
+    """Issue 26.4: tuning runs train on the training items minus the validation split and are
+    scored on that split; the choice is the best mean; tuned final runs train at it, the
+    others at the rate planned for them (``train.lr`` unless their method sets its own)."""
+    from harness.data.validation import validation_split
+    from harness.plan.study import row_key
+    from harness.run.tune import choose
+
+    folder, _, plan = smoke
+    out = folder / "out"
+    tune = plan.config["tune"]
+    items = [json.loads(line) for line in (out / "data" / "train.jsonl").open()]
+    kept, held = validation_split(items, tune["validation_fraction"], tune["seed"])
+    rates = json.loads((out / "tuning" / "rates.json").read_text())["rates"]
+    assert set(rates) == {row_key(r.method, r.tag) for r in plan.runs if r.tuned} == {"lora-r6", "lora-r2"}
+    scores: dict = {}
+    for run in plan.tuning:
+        trained = json.loads((out / run.path / "train.json").read_text())
+        scored = json.loads((out / run.path / "metrics.json").read_text())
+        assert trained["settings"]["lr"] in tune["lrs"] and run.seed not in plan.config["train"]["seeds"]
+        assert trained["examples"] == len(kept) and sum(len(v["acc"]) for v in scored["items"].values()) == len(held)
+        scores.setdefault(row_key(run.method, run.tag), {}).setdefault(trained["settings"]["lr"], []).append(
+            scored["suite_acc"])
+    assert len(plan.tuning) == 2 * len(tune["lrs"])
+    for key, by_rate in scores.items():
+        assert rates[key]["lr"] == choose(by_rate)
+    for run in plan.trained_runs:  # an untuned run at its planned rate (train.lr, or its method's own)
+        lr = json.loads((out / "runs" / run.run_id / "train.json").read_text())["settings"]["lr"]
+        assert lr == (rates[row_key(run.method, run.tag)]["lr"] if run.tuned else run.settings.lr), run.run_id
+        assert run.tuned or run.settings.lr is not None
+    assert [r.settings.lr for r in plan.trained_runs if r.method == "sira"] == [plan.config["train"]["lr"]] * 2
+
+
 def test_training_logs_hold_loss_aux_loss_expert_load_and_step_time(smoke):
     folder, _, plan = smoke
     config = plan.config
@@ -376,6 +409,9 @@ def test_every_readme_command_works_where_a_fresh_clone_has_results_but_no_weigh
     commands = _readme_commands()
     assert len(commands) >= 10 and any(c.startswith("lm_eval") for c in commands)
     bin_dir = Path(sys.executable).parent
+    spec = tmp_path / "robustness.yaml"
+    spec.write_text(yaml.safe_dump({"out": str(tmp_path / "robustness"), "conditions": [
+        {"study": "smoke", "condition": "as configured", "config": str(path)}]}))
     done = []
     for command in commands:
         line = (
@@ -386,6 +422,8 @@ def test_every_readme_command_works_where_a_fresh_clone_has_results_but_no_weigh
             .replace("<run id>", routed.run_id)
             .replace("--out my-moa", f"--out {tmp_path / 'my-moa'}")
         )
+        if line == "python -m harness robustness":
+            line += f" --spec {spec}"
         if line.startswith("snakemake"):
             line = (f"{sys.executable} -m snakemake -s {ROOT / 'Snakefile'} --directory {folder} "
                     f"--configfile {path}" + line.removeprefix("snakemake"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import TINY_STUDY_MODEL
@@ -90,3 +91,25 @@ def test_base_and_lora_scores_equal_lm_eval_hf_model_on_every_task_and_metric(tm
     assert all(abs(r["lm_eval_hf"] * 12 - round(r["lm_eval_hf"] * 12)) < 1e-9
                for r in report["rows"] if r["metric"] != "brier_score")
     assert "| model | task | metric | harness | lm-eval hf | difference |" in out
+
+    # a fresh clone on another CPU: the weights were restored, not bit-identically, so the
+    # stored scores belong to other weights; the check scores the weights that are here
+    # (stored scores stood in for here by scores of another model) and says so
+    run_dir = tmp_path / "out" / "runs" / lora.run_id
+    metrics_path = run_dir / "metrics.json"
+    stored = json.loads(metrics_path.read_text())
+    for task in stored["tasks"].values():
+        task["acc"] = 1.0 - task["acc"]
+    metrics_path.chmod(0o644)
+    metrics_path.write_text(json.dumps(stored))
+    (run_dir / "restore.json").write_text(json.dumps(
+        {"run_id": lora.run_id, "restored": True, "identical_losses": False, "max_abs_loss_diff": 0.25,
+         "steps_compared": 6}))
+    assert main(["identity", "--config", str(path), "--run", lora.run_id]) == 0
+    again = json.loads((tmp_path / "out" / "lm_eval_identity.json").read_text())
+    assert again["max_abs_difference"] < 1e-5
+    assert again["harness_side"].startswith(f"the restored weights of {lora.run_id} scored again")
+    assert "largest |loss difference| 0.2500 over 6 steps" in again["harness_side"]
+    assert [r["harness"] for r in again["rows"]] == pytest.approx([r["harness"] for r in report["rows"]], abs=1e-6)
+    assert json.loads(metrics_path.read_text()) == stored  # nothing written to the run
+    assert report["harness_side"] == "stored metrics.json"

@@ -23,8 +23,10 @@ def test_a_spec_without_conditions_or_with_a_missing_config_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"conditions\[0\] lacks \['config'\]"):
         read_spec(spec)
     spec.write_text("conditions:\n  - {study: s, condition: c, config: nowhere.yaml}\n")
-    with pytest.raises(FileNotFoundError, match=r"conditions\[0\]\.config 'nowhere\.yaml' does not exist"):
+    with pytest.raises(ValueError, match=r"conditions\[0\]\.config 'nowhere\.yaml' does not exist"):
         read_spec(spec)
+    with pytest.raises(ValueError, match=r"robustness spec '.*absent.yaml' does not exist \(run from the repository root"):
+        read_spec(tmp_path / "absent.yaml")
 
 
 def test_cells_equal_the_committed_significance_table_and_missing_runs_are_shown(tmp_path):

@@ -27,6 +27,7 @@ import yaml
 from harness.analysis.comparisons import significance_table
 from harness.analysis.results import MissingResultsError, collect_results
 from harness.common.files import atomic_write_text
+from harness.plan.config import ConfigError
 from harness.plan.study import plan_from_file
 
 COMPARISONS = ("finest vs coarsest G", "vs LoRA rank R")
@@ -42,16 +43,19 @@ class Condition:
 def read_spec(path: Path | str) -> tuple[list[Condition], Path]:
     """``(conditions, out folder)`` from a spec ``{out, conditions: [{study, condition, config}]}``."""
     path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"robustness spec {str(path)!r} does not exist (run from the repository root, "
+                                "or pass --spec FILE holding {out, conditions: [{study, condition, config}]})")
     spec = yaml.safe_load(path.read_text()) or {}
     if not isinstance(spec.get("conditions"), list) or not spec["conditions"]:
-        raise ValueError(f"{path}: 'conditions' must be a non-empty list of {{study, condition, config}}")
+        raise ConfigError(f"{path}: 'conditions' must be a non-empty list of {{study, condition, config}}")
     conditions = []
     for i, entry in enumerate(spec["conditions"]):
         missing = {"study", "condition", "config"} - set(entry or {})
         if missing:
-            raise ValueError(f"{path}: conditions[{i}] lacks {sorted(missing)} (needs study, condition, config)")
+            raise ConfigError(f"{path}: conditions[{i}] lacks {sorted(missing)} (needs study, condition, config)")
         if not Path(entry["config"]).is_file():
-            raise FileNotFoundError(f"{path}: conditions[{i}].config {entry['config']!r} does not exist")
+            raise ConfigError(f"{path}: conditions[{i}].config {entry['config']!r} does not exist")
         conditions.append(Condition(str(entry["study"]), str(entry["condition"]), str(entry["config"])))
     return conditions, Path(spec.get("out", "results/robustness"))
 

@@ -131,11 +131,20 @@ def redo_inputs_of(plan):
 
 def tuned_rate_inputs_of(out_dir: str, plan):
     """Input function for the ``train`` rule: a tuned run waits for the tune stage's choice
-    (``tuning/rates.json``); other runs for nothing."""
+    (``tuning/rates.json``); other runs for nothing, and nor does a tuned run whose results
+    are there and valid. Otherwise a choice rewritten for a new method or granularity would
+    retrain every finished tuned run of the study (Snakemake reruns the consumers of a file
+    another job writes, ``ancient`` or not); a finished run whose rate the choice no longer
+    matches is stale instead (:func:`harness.plan.status.invalid_files`) and redone."""
     tuned = {run.run_id for run in plan.runs if run.tuned}
 
     def tuned_rate_inputs(wildcards) -> list[str]:
-        return [f"{out_dir}/tuning/rates.json"] if wildcards.run in tuned else []
+        if wildcards.run not in tuned:
+            return []
+        run = plan.run(wildcards.run)
+        if (plan.run_dir(run) / "metrics.json").exists() and not invalid_files(plan, run):
+            return []
+        return [f"{out_dir}/tuning/rates.json"]
 
     return tuned_rate_inputs
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.data.tasks import test_data_digest, training_data_digest
+from harness.plan.study import read_rates, row_key
 
 
 @dataclass
@@ -142,6 +143,20 @@ def _stale_method(plan, run, train: dict[str, Any]) -> str | None:
     return None
 
 
+def _stale_rate(plan, run, train: dict[str, Any]) -> str | None:
+    """Why a tuned run's training is stale because the tune stage now chooses another rate
+    than the one it trained at (``None``: it is not, or there is no choice yet). The rate
+    is not in the run's id (the tune stage's grid, split and rule are), so this is how a
+    choice that moved (tuning runs redone elsewhere) reaches the runs built on it."""
+    if not getattr(run, "tuned", False):
+        return None
+    trained = (train.get("settings") or {}).get("lr")
+    chosen = read_rates(plan.config).get(row_key(run.method, run.tag))
+    if trained is None or chosen is None or abs(float(trained) - chosen) <= 1e-12 * chosen:
+        return None
+    return f"trained at lr {trained:g}, but the tune stage now chooses {chosen:g} (tuning/rates.json)"
+
+
 def _builtin_code_note(run, train: dict[str, Any]) -> str | None:
     recorded = (train.get("method_source") or {}).get("digest")
     current = getattr(run, "method_source", None) or {}
@@ -154,8 +169,8 @@ def _builtin_code_note(run, train: dict[str, Any]) -> str | None:
 def invalid_files(plan, run) -> list[tuple[Path, str, str]]:
     """``(file, why, detail)`` for every result file of ``run`` that its job must redo before
     anything builds on it: ``corrupt`` (not valid JSON), ``foreign`` (another run's),
-    ``stale`` (scored on test data that has changed since, or trained by a plugin whose code
-    changed since), ``orphan`` (a score without the training record it belongs to)."""
+    ``stale`` (scored on test data that has changed since, trained by a plugin whose code
+    changed since, or trained at another rate than the tune stage now chooses), ``orphan`` (a score without the training record it belongs to)."""
     run_dir = plan.run_dir(run)
     out: list[tuple[Path, str, str]] = []
     train_path, metrics_path = run_dir / "train.json", run_dir / "metrics.json"
@@ -165,7 +180,7 @@ def invalid_files(plan, run) -> list[tuple[Path, str, str]]:
         out.append((train_path, "corrupt", f"train.json: {train}"))
     elif isinstance(train, dict) and train.get("run_id", run.run_id) != run.run_id:
         out.append((train_path, "foreign", f"train.json belongs to run {train.get('run_id')!r}"))
-    elif isinstance(train, dict) and (why := _stale_method(plan, run, train)):
+    elif isinstance(train, dict) and (why := _stale_method(plan, run, train) or _stale_rate(plan, run, train)):
         out.append((train_path, "stale", why))
     if isinstance(metrics, str):
         out.append((metrics_path, "corrupt", f"metrics.json: {metrics}"))

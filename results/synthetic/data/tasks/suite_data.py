@@ -30,3 +30,29 @@ def load(file=None, **kwargs):
         rows = [json.loads(line) for line in handle if line.strip()]
     test = datasets.Dataset.from_list(rows)
     return datasets.DatasetDict({"test": test})
+
+
+def load_general_text(file=None, **kwargs):
+    """The general-text documents as lm-eval's wikitext task reads them: ``page`` holds a
+    document's text (the file's ``text`` field)."""
+    import datasets
+
+    path = HERE / file
+    with open(path, encoding="utf-8") as handle:
+        rows = [json.loads(line) for line in handle if line.strip()]
+    pages = [{"page": row["text"], "title": row.get("page") or row.get("title") or ""} for row in rows]
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(pages)})
+
+
+def detokenize(doc):
+    """lm-eval's own WikiText detokenizer (its wikitext task's ``doc_to_target``)."""
+    from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer
+
+    return wikitext_detokenizer(doc)
+
+
+def process_general_text(doc, results):
+    """lm-eval's own word and byte counts (its wikitext task's ``process_results``)."""
+    from lm_eval.tasks.wikitext.preprocess_wikitext import process_results
+
+    return process_results(doc, results)
