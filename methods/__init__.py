@@ -20,4 +20,7 @@ METHODS = {
     "loramoe": "methods.loramoe:LoRAMoE",
     "mode": "methods.mode:MoDE",
     "mola": "methods.mola:MoLA",
+    "gralora": "methods.gralora:GraLoRA",
+    "flylora": "methods.flylora:FlyLoRA",
+    "goat_moe": "methods.goat:GOAT",
 }

@@ -52,6 +52,7 @@ class LoRA(Method):
     dense = True
     sweeps_granularity = False
     is_reference = True
+    mergeable = True
 
     def variants(self, request, options=None) -> list[Variant]:
         return [

@@ -54,6 +54,7 @@ from harness.adapters import (
     kaiming_uniform_like_peft,
     register,
 )
+from harness.adapters.distributed import across_ranks, world_size
 
 #: the authors' ``cv_squared`` epsilon
 CV_EPS = 1e-10
@@ -79,7 +80,11 @@ def localized_balance_loss(
     alpha: float,
 ) -> torch.Tensor:
     """``cv²(I ⊙ Q)`` (unweighted) for per-token gates ``gate`` (``(N, E)``, ``N = B·T``),
-    sequence types ``types`` (``(B,)``, 1 = the first expert group's type) and the token mask."""
+    sequence types ``types`` (``(B,)``, 1 = the first expert group's type) and the token mask.
+
+    Under several ranks it is computed from the sums ``Σz``, ``Σz²`` and the count of ``Z``'s
+    entries (float64, ``across_ranks``), so that it is the global batch's cv²; in one process
+    it is the authors' ``z.var() / (z.mean()² + eps)``."""
     n_seq, n_experts = types.shape[0], gate.shape[-1]
     g = gate.float()
     if token_mask is not None:
@@ -89,7 +94,16 @@ def localized_balance_loss(
     match = (types.to(gate.device) == 1).unsqueeze(-1) == first.unsqueeze(0)
     coef = torch.where(match, 1.0 + alpha, 1.0 - alpha)
     z = (importance * coef).flatten()
-    return z.var() / (z.mean() ** 2 + CV_EPS)
+    if world_size() == 1:  # one process: the authors' formula, as committed runs computed it
+        return z.var() / (z.mean() ** 2 + CV_EPS)
+    z = z.double()
+
+    def cv_squared(s1: torch.Tensor, s2: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        mean = s1 / m
+        return ((s2 - s1 * mean) / (m - 1)) / (mean**2 + CV_EPS)
+
+    m = torch.tensor(float(z.numel()), dtype=z.dtype, device=z.device)
+    return across_ranks(cv_squared, z.sum(), (z * z).sum(), m).float()
 
 
 class LoRAMoELayer(BlockMixtureLayer):

@@ -79,6 +79,7 @@ class MultiLoRA(BlockMixtureMethod):
     layer_cls = MultiLoRALayer
     routed = False
     dense = True
+    mergeable = True  # delta(x) = (sum_i s_i (alpha/r) B_i A_i) x: one fixed matrix
 
     def uses_top_k(self, options):
         return False

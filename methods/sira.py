@@ -15,6 +15,14 @@
 Choices where the paper is silent (configurable): capacity is applied in
 training only (``capacity_in_eval: false``), so an evaluated token's output never
 depends on the other tokens in its batch; padding consumes no capacity.
+
+Several ranks (``train.processes``): capacity is decided per rank, over that rank's shard
+of the global batch (as GShard and Switch decide it per device group); the auxiliary
+loss's load shares are the global batch's (``switch_coefficients`` sums the counts over
+the ranks). The one-process reference of an ``N``-rank run decides capacity over ``N``
+equal shards of its batch (``harness.adapters.distributed.simulated_shards``). Expert
+dropout draws its masks per rank: the same distribution, not the same draws (set
+``expert_dropout: 0`` to compare ``N`` ranks with one number for number).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from harness.adapters import BlockMixtureLayer, BlockMixtureMethod, MixtureConfig, Routing, register
+from harness.adapters.distributed import shards
 from harness.adapters.routing import (
     assignment_slots,
     expert_capacity,
@@ -55,13 +64,17 @@ class SiRALayer(BlockMixtureLayer):
             return Routing(index=index, weight=weight)
         index = topk_index(logits, k)
         tokens = self.token_batch(token_mask)
-        slots, counts = assignment_slots(index, self.num_experts, token_mask, tokens)
-        capacity = tokens.memo(  # the same for every layer of this forward
-            ("sira capacity", cfg.capacity_factor, k, self.num_experts),
-            lambda: expert_capacity(
-                cfg.capacity_factor, k, tokens.count(x.shape[0], x.device), self.num_experts
-            ).float(),
-        )
+        n_shards = shards()
+        if n_shards == 1:
+            slots, counts = assignment_slots(index, self.num_experts, token_mask, tokens)
+            capacity = tokens.memo(  # the same for every layer of this forward
+                ("sira capacity", cfg.capacity_factor, k, self.num_experts),
+                lambda: expert_capacity(
+                    cfg.capacity_factor, k, tokens.count(x.shape[0], x.device), self.num_experts
+                ).float(),
+            )
+        else:
+            slots, counts, capacity = self._shard_capacity(index, token_mask, tokens, n_shards)
         keep = slots <= capacity
         gate_mask = keep.to(routing_dtype(logits))
         if self.training and cfg.expert_dropout > 0:  # inverted dropout: F.dropout's draw
@@ -84,6 +97,20 @@ class SiRALayer(BlockMixtureLayer):
                 torch.softmax(logits, dim=-1), counts, k, tokens, cfg.aux_loss_weight
             ))
         return Routing(index=index, weight=weight * gate_mask.to(weight.dtype), keep=keep)
+
+    def _shard_capacity(self, index, token_mask, tokens, n_shards: int):
+        """Queue places, global counts and capacities when ``n_shards`` equal consecutive
+        shards of the batch each decide capacity on their own (one expert queue per shard
+        and expert; capacity from the shard's real tokens): ``(slots, counts, capacity)``,
+        ``capacity`` ``(N, 1)`` per token."""
+        n, e = index.shape[0], self.num_experts
+        if n % n_shards:
+            raise ValueError(f"{n} tokens do not split into {n_shards} equal shards")
+        shard = torch.arange(n, device=index.device) // (n // n_shards)
+        slots, shard_counts = assignment_slots(index + (shard * e).unsqueeze(-1), e * n_shards, token_mask, tokens)
+        real = tokens.weights(n, index.device).view(n_shards, -1).sum(1)
+        capacity = expert_capacity(self.config.capacity_factor, self.top_k, real, e).float()
+        return slots, shard_counts.view(n_shards, e).sum(0), capacity[shard].unsqueeze(-1)
 
 
 @register

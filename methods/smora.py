@@ -17,7 +17,8 @@ optimizer step
     b_j += gamma · sign(mean_load - load_j)
 
 with ``load_j`` the number of real tokens of the last training batch that
-selected block ``j``. ``b`` is a buffer: it receives no gradient and is saved with the
+selected block ``j`` (under several ranks: summed over the ranks' shards, so every rank
+makes the one-process update). ``b`` is a buffer: it receives no gradient and is saved with the
 adapter.
 
 The rate ``gamma`` (``bias_update_rate``). The paper's ``1e-5`` was made for runs of tens
@@ -46,6 +47,7 @@ from dataclasses import dataclass
 import torch
 
 from harness.adapters import BlockMixtureLayer, BlockMixtureMethod, MixtureConfig, Routing, register
+from harness.adapters.distributed import reduce_across_ranks
 from harness.adapters.routing import selection_counts
 
 #: the paper's bias step, and the optimizer steps of the paper setting it was made for
@@ -89,7 +91,7 @@ class SMoRALayer(BlockMixtureLayer):
     def after_optimizer_step(self) -> None:
         if self._counts is None:
             return
-        counts, self._counts = self._counts, None
+        counts, self._counts = reduce_across_ranks(self._counts), None
         rate = self.config.bias_update_rate
         if rate is None:
             rate = PAPER_RATE  # a layer built outside a study (the study resolves the rate)

@@ -6,8 +6,8 @@
 #
 #     adapters < common < data < model < plan < run < analysis < {cli, bench}
 #
-# (cli and bench are entry points and may import any stage; harness/__init__.py and the
-# deprecated harness.methods shim only hand names on.) Exit status 1 names every circle or
+# (cli and bench are entry points and may import any stage; harness/__init__.py only
+# hands names on.) Exit status 1 names every circle or
 # forbidden arrow.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +19,7 @@ forbid=()
 for path in harness/*.py harness/*/; do
   name=$(basename "${path%/}" .py)
   case "$name" in
-    __init__|__main__|__pycache__|methods|cli|bench) continue ;;
+    __init__|__main__|__pycache__|cli|bench) continue ;;
   esac
   if [[ ! " ${STAGES[*]} " == *" $name "* ]]; then
     echo "harness/$name is in no stage: add it to STAGES in scripts/check_imports.sh" >&2

@@ -17,10 +17,7 @@ import ast
 import re
 import subprocess
 import sys
-import warnings
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -103,33 +100,3 @@ def test_the_toolkit_names_no_method_either():
         if word.search(text)
     ]
     assert not found, "\n".join(found)
-
-
-def test_a_plugin_written_against_the_old_import_paths_works_and_is_told_the_new_ones(tmp_path, monkeypatch):
-    example = (ROOT / "examples" / "frozen_router.py").read_text()
-    old = example.replace("from harness.adapters import", "from harness.methods import").replace(
-        "from harness.adapters.routing import", "from harness.methods.routing import"
-    ).replace('name = "frozen_router"', 'name = "frozen_router_old_paths"')
-    assert "harness.methods" in old
-    (tmp_path / "old_lab.py").write_text(old)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    sys.modules.pop("harness.methods.routing", None)
-    from harness.adapters import get_method, load_plugin
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert load_plugin("old_lab") == ["frozen_router_old_paths"]
-    messages = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]
-    assert any("`harness.methods.BlockMixtureLayer` is deprecated" in m and "from harness.adapters import BlockMixtureLayer" in m for m in messages), messages
-    assert any("`harness.methods.routing` is deprecated" in m and "harness.adapters.routing" in m for m in messages), messages
-    method = get_method("frozen_router_old_paths")
-    from harness.adapters import BlockMixtureMethod
-
-    assert isinstance(method, BlockMixtureMethod)
-
-
-def test_old_names_that_never_existed_are_not_invented():
-    import harness.methods
-
-    with pytest.raises(AttributeError, match="has no attribute 'NoSuchThing'"):
-        harness.methods.NoSuchThing  # noqa: B018

@@ -10,7 +10,6 @@ whose targets are ``nn.Linear`` layers.
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import os
 
@@ -18,48 +17,9 @@ import pytest
 import torch
 from torch import nn
 
+from harness.adapters import BudgetRequest, TargetShape, all_methods, apply_method
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
-
-
-def _first(*paths: str):
-    """The first importable ``module:attr`` (the methods toolkit is moving between packages)."""
-    errors = []
-    for path in paths:
-        module, _, attr = path.partition(":")
-        try:
-            return getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as exc:
-            errors.append(f"{path}: {exc}")
-    raise ImportError("none of " + "; ".join(errors))
-
-
-def all_methods():
-    return _first("harness.adapters:all_methods", "harness.methods:all_methods", "methods:all_methods")()
-
-
-def apply_method(*args):
-    return _first(
-        "harness.adapters.inject:apply_method", "harness.adapters:apply_method",
-        "harness.methods.inject:apply_method",
-    )(*args)
-
-
-def budget_request(**values):
-    return _first("harness.plan.budget:BudgetRequest", "harness.adapters.grid:BudgetRequest",
-                  "harness.adapters:BudgetRequest")(**values)
-
-
-def target_shape(name: str, d_in: int, d_out: int):
-    return _first("harness.adapters.grid:TargetShape", "harness.adapters:TargetShape",
-                  "harness.methods.base:TargetShape")(name, d_in, d_out)
-
-
-def variants_of(method, request, options):
-    """The method's variants for ``options`` (``plan_variants`` before the toolkit moved to
-    harness.adapters, ``variants(request, options)`` after)."""
-    if hasattr(method, "plan_variants"):
-        return method.plan_variants(request, options)
-    return method.variants(request, options)
 
 
 D, HIDDEN = 32, 48
@@ -88,10 +48,10 @@ def _options(method) -> dict:
 def cases() -> list[tuple[str, str, dict, int]]:
     """``(id, method, options, granularity)`` for every registered method at every variant."""
     out = []
-    request = budget_request(**REQUEST)
+    request = BudgetRequest(**REQUEST)
     for name, method in all_methods().items():
         options = _options(method)
-        variants = variants_of(method, request, options)
+        variants = method.variants(request, options)
         for variant in variants:
             out.append((f"{name}-{variant.tag}", name, options, variant))
         if name == "molora":  # the sparse (top-k) form as well
@@ -107,8 +67,8 @@ def build(name: str, options: dict, variant, seed: int = 0):
     """The holder with the method's adapter (solved for the small budget), adapters
     randomised so that the delta is not zero (B-like matrices start at zero)."""
     method = all_methods()[name]
-    shapes = [target_shape(*t) for t in TARGETS]
-    config = method.solve(budget_request(**REQUEST), variant, shapes, options)
+    shapes = [TargetShape(*t) for t in TARGETS]
+    config = method.solve(BudgetRequest(**REQUEST), variant, shapes, options)
     torch.manual_seed(seed)
     holder = Holder()
     handle = apply_method(holder, method, config, shapes)
@@ -245,8 +205,8 @@ def test_adapters_stay_fp32_on_a_bf16_base_model(case):
     says, for every method alike."""
     _, name, options, variant = case
     method = all_methods()[name]
-    shapes = [target_shape(*t) for t in TARGETS]
-    config = method.solve(budget_request(**REQUEST), variant, shapes, options)
+    shapes = [TargetShape(*t) for t in TARGETS]
+    config = method.solve(BudgetRequest(**REQUEST), variant, shapes, options)
     holder = Holder().to(device="cuda", dtype=torch.bfloat16)
     handle = apply_method(holder, method, config, shapes)
     holder.cuda()
@@ -259,7 +219,6 @@ SYNC_CASES = [c for c in CASES if c[1] in ("sira", "smora", "malora")
               or c[0].startswith("molora-sparse")]
 
 
-@pytest.mark.xfail(strict=False, reason="sync-free routing is being implemented")
 @pytest.mark.parametrize("case", SYNC_CASES, ids=[c[0] for c in SYNC_CASES])
 def test_routed_forward_has_no_host_sync_in_training(case, record_property):
     """``torch.cuda.set_sync_debug_mode("error")`` around the routed forward in training mode
@@ -317,7 +276,7 @@ def _llama(hidden=1024, layers=4, intermediate=2816, heads=8, vocab=8000):
 
 def _targets(model):
     names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    return [target_shape(n, m.in_features, m.out_features) for n, m in model.named_modules()
+    return [TargetShape(n, m.in_features, m.out_features) for n, m in model.named_modules()
             if isinstance(m, nn.Linear) and n.rpartition(".")[2] in names]
 
 
@@ -338,9 +297,9 @@ def test_memory_estimate_against_measured_peak(case):
     model, config = _llama()
     targets = _targets(model)
     method = all_methods()[name]
-    request = budget_request(total_rank=16, active_rank=2, granularities=(8,), router="separate",
+    request = BudgetRequest(total_rank=16, active_rank=2, granularities=(8,), router="separate",
                              tolerance=0.05, alpha=16.0)
-    variant = next(v for v in variants_of(method, request, options)
+    variant = next(v for v in method.variants(request, options)
                    if (v.rank == g if v.rank is not None else v.granularity == g))
     method_config = method.solve(request, variant, targets, options)
     handle = apply_method(model, method, method_config, targets)

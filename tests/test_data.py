@@ -456,8 +456,8 @@ def test_prepare_data_from_jsonl(tmp_path):
 @pytest.mark.parametrize(
     ("cfg", "expected"),
     [
-        ({"source": "hub"}, "data.source must be one of: generated, jsonl, lm_eval (got 'hub')"),
-        ({"seed": 1}, "missing key 'source' (valid: generated, jsonl, lm_eval)"),
+        ({"source": "ftp"}, "data.source must be one of: generated, jsonl, files, hub, lm_eval (got 'ftp')"),
+        ({"seed": 1}, "missing key 'source' (valid: generated, jsonl, files, hub, lm_eval)"),
         ({"source": "jsonl", "test": "t.jsonl"}, "missing key 'train'"),
         (
             {"source": "generated", "shots": 3},

@@ -280,7 +280,7 @@ def test_lm_eval_command_line_reproduces_the_stored_score(smoke, tmp_path, metho
             "--model",
             "moe-lora",
             "--model_args",
-            f"run_dir={run_dir}",
+            f"run_dir={run_dir}" + (",trust_plugins=true" if method == "frozen_router" else ""),  # a plugin: opt in
             "--tasks",
             "moelora_suite",
             "--include_path",

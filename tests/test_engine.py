@@ -8,7 +8,6 @@ import json
 import shutil
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -37,21 +36,6 @@ def test_an_import_against_the_stage_order_fails_the_check(tmp_path):
     result = subprocess.run(["bash", "scripts/check_imports.sh"], cwd=tmp_path, capture_output=True,
                             text=True, timeout=120, env=env)
     assert result.returncode == 1 and "harness/extras is in no stage" in result.stderr
-
-
-def test_every_module_of_the_flat_layout_still_imports_with_a_warning_naming_its_new_path():
-    import importlib
-
-    from harness import MOVED
-
-    for old, new in MOVED.items():
-        sys.modules.pop(old, None)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            module = importlib.import_module(old)
-        assert module is importlib.import_module(new), old
-        assert any(issubclass(w.category, DeprecationWarning) and f"`{old}` moved to `{new}`" in str(w.message)
-                   for w in caught), old
 
 
 def test_the_brier_score_is_read_per_item_and_declared_for_uniform_choices_only():
@@ -151,7 +135,7 @@ def test_a_changed_plugin_makes_its_trained_runs_stale_and_a_docstring_does_not(
     assert "stale" in capsys.readouterr().out
 
 
-def test_a_built_in_method_records_its_source_and_is_not_redone_on_a_change():
+def test_a_built_in_method_records_its_source():
     from harness.adapters import get_method
     from harness.plan.study import method_source
 

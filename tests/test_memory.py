@@ -4,12 +4,11 @@ the activations against what autograd really saves)."""
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 from torch import nn
 
+from harness.adapters import BudgetRequest, TargetShape, apply_method, get_method
 from harness.plan.memory import (
     GIB,
     ModelDims,
@@ -19,46 +18,6 @@ from harness.plan.memory import (
     memory_table,
     row_shape,
 )
-
-
-def _first(*paths: str):
-    """The first importable ``module:attr`` (the methods toolkit is moving between packages)."""
-    errors = []
-    for path in paths:
-        module, _, attr = path.partition(":")
-        try:
-            return getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as exc:
-            errors.append(f"{path}: {exc}")
-    raise ImportError("none of " + "; ".join(errors))
-
-
-def get_method(name):
-    return _first("harness.adapters:get_method", "harness.methods:get_method", "methods:get_method")(name)
-
-
-def apply_method(*args):
-    return _first("harness.adapters.inject:apply_method", "harness.adapters:apply_method",
-                  "harness.methods.inject:apply_method")(*args)
-
-
-def budget_request(*args):
-    return _first("harness.plan.budget:BudgetRequest", "harness.adapters.grid:BudgetRequest",
-                  "harness.adapters:BudgetRequest")(*args)
-
-
-def target_shape(*args):
-    return _first("harness.adapters.grid:TargetShape", "harness.adapters:TargetShape",
-                  "harness.methods.base:TargetShape")(*args)
-
-
-def variants_of(method, request, options):
-    """The method's variants for ``options`` (``plan_variants`` before the toolkit moved to
-    harness.adapters, ``variants(request, options)`` after)."""
-    if hasattr(method, "plan_variants"):
-        return method.plan_variants(request, options)
-    return method.variants(request, options)
-
 
 # a tiny Llama-style config: h = 64, L = 2, a = 4, a_kv = 2 (d = 16, q = 64, kv = 32), I = 96
 TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -181,7 +140,7 @@ def tiny_llama(attn: str = "eager", tied: bool = True):
 
 def targets_of(model):
     names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    return [target_shape(n, m.in_features, m.out_features) for n, m in model.named_modules()
+    return [TargetShape(n, m.in_features, m.out_features) for n, m in model.named_modules()
             if isinstance(m, nn.Linear) and n.rpartition(".")[2] in names]
 
 
@@ -205,8 +164,8 @@ def adapted(name, g, options, attn="eager", tied=True):
     model, config = tiny_llama(attn, tied)
     targets = targets_of(model)
     method = get_method(name)
-    request = budget_request(8, 2, (g,), "separate", 0.05, 16.0)
-    variant = variants_of(method, request, options)[0]
+    request = BudgetRequest(8, 2, (g,), "separate", 0.05, 16.0)
+    variant = method.variants(request, options)[0]
     method_config = method.solve(request, variant, targets, options)
     handle = apply_method(model, method, method_config, targets)
     row = Row(method, method_config, method.count_model(method_config, targets), variant)

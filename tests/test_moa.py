@@ -429,10 +429,10 @@ def test_dropping_or_adding_a_task_reruns_only_stage_two_in_the_dag(study):
 
     # two dry runs side by side (each spends ~10 s of CPU importing and planning)
     (dropped, dropped_text), (added, added_text) = _dry_runs([fewer_path, more_path], study.folder)
-    # dropping a task: stage two (trained and scored in one job) only; the three stage-one
-    # folders and the data, all written in-process before, are up to date
+    # dropping a task: stage two (trained, then scored) only; the three stage-one folders
+    # and the data, all written in-process before, are up to date
     assert "train_component" not in dropped and "data" not in dropped, dropped_text
-    assert dropped["train"] == 1 and "evaluate" not in dropped
+    assert dropped["train"] == 1 and dropped["evaluate"] == 1
     assert f"run={fewer_run.run_id}" in dropped_text
     # adding one: that task's stage-one job, then stage two (the data changed too)
     assert added["train_component"] == 1 and f"component=task_adapters/{new.run_id}" in added_text, added_text

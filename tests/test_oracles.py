@@ -37,15 +37,8 @@ from tests.oracles import smora as smora_ref
 
 
 def method_module(name: str):
-    """Our method module: ``methods.<name>`` (the top-level package), or the old path
-    ``harness.methods.<name>`` while both exist."""
-    try:
-        return importlib.import_module(f"methods.{name}")
-    except ModuleNotFoundError as first:
-        try:
-            return importlib.import_module(f"harness.methods.{name}")
-        except ModuleNotFoundError:
-            raise first from None
+    """Our method module: ``methods.<name>`` (the top-level package of built-ins)."""
+    return importlib.import_module(f"methods.{name}")
 
 
 D_IN, D_OUT = 10, 7

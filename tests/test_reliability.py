@@ -355,7 +355,7 @@ def test_8_a_killed_run_resumes_from_its_checkpoint_with_identical_results(tmp_p
     for cwd, cfg in ((killed_dir, killed_cfg), (clean_dir, clean_cfg)):
         assert harness(["data", "--config", str(cfg)], cwd).returncode == 0
 
-    state = killed_dir / "out" / "runs" / run_id / "checkpoints" / "last" / "state.pt"
+    state = killed_dir / "out" / "runs" / run_id / "checkpoints" / "last" / "state.json"
     process = subprocess.Popen(
         [
             sys.executable,
@@ -690,8 +690,8 @@ def _tree(folder: Path) -> dict[str, bytes]:
 
 def test_16_4_a_lost_or_corrupt_result_is_redone_by_the_next_snakemake_and_status_names_it(tmp_path, capsys, monkeypatch):
     """A dry run lists exactly the jobs the real run runs, and reading the Snakefile changes
-    nothing: a deleted metrics.json is one train job (scoring only: the training is kept),
-    a corrupt one a set_aside job and that train job."""
+    nothing: a deleted metrics.json is one evaluate job (scoring only: the training is kept),
+    a corrupt one a set_aside job and that evaluate job."""
     path = study_config(tmp_path, train__steps=3, train__checkpoint_every=0)
     done = snakemake(["--cores", "2", "--configfile", str(path)], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -708,14 +708,16 @@ def test_16_4_a_lost_or_corrupt_result_is_redone_by_the_next_snakemake_and_statu
     dry = snakemake(["-n", "--cores", "1", "--configfile", str(path)], tmp_path)
     assert dry.returncode == 0, dry.stderr[-2000:]
     planned = _jobs(dry.stdout + dry.stderr)
-    assert planned == {"train": 1, "figures": 1, "summary": 1, "tables": 1, "all": 1}, dry.stdout[-3000:]
+    assert planned == {"evaluate": 1, "figures": 1, "summary": 1, "tables": 1, "all": 1}, dry.stdout[-3000:]
     assert f"run={run_id}" in dry.stdout + dry.stderr
     assert _tree(tmp_path / "out") == before
     redo = snakemake(["--cores", "1", "--configfile", str(path)], tmp_path)
     assert redo.returncode == 0, redo.stderr[-2000:]
     assert _jobs(redo.stdout + redo.stderr) == planned
-    log = (tmp_path / "out" / "logs" / "train" / f"{run_id}.log").read_text()
-    assert f"{run_id}: already trained" in log  # scored again, not retrained
+    train_log = (tmp_path / "out" / "logs" / "train" / f"{run_id}.log").read_text()
+    assert "suite score" not in train_log  # the train job trained only
+    log = (tmp_path / "out" / "logs" / "evaluate" / f"{run_id}.log").read_text()
+    assert f"{run_id}: suite acc " in log  # scored again, not retrained
     assert json.loads(metrics.read_text())["run_id"] == run_id
     again = snakemake(["-n", "--cores", "1", "--configfile", str(path)], tmp_path)
     assert "Nothing to be done" in again.stdout + again.stderr
@@ -728,7 +730,7 @@ def test_16_4_a_lost_or_corrupt_result_is_redone_by_the_next_snakemake_and_statu
     before = _tree(tmp_path / "out")
     dry = snakemake(["-n", "--cores", "1", "--configfile", str(path)], tmp_path)
     planned = _jobs(dry.stdout + dry.stderr)
-    assert planned == {"set_aside": 1, "train": 1, "figures": 1, "summary": 1, "tables": 1, "all": 1}
+    assert planned == {"set_aside": 1, "evaluate": 1, "figures": 1, "summary": 1, "tables": 1, "all": 1}
     assert f"out/runs/{run_id}/metrics.json.corrupt-" in dry.stdout
     assert _tree(tmp_path / "out") == before  # a dry run moves nothing
     redo = snakemake(["--cores", "1", "--configfile", str(path)], tmp_path)
@@ -780,6 +782,7 @@ def test_16_7_an_edited_training_line_reruns_exactly_the_runs_that_read_it(tmp_p
 
 
 def test_16_7_a_stale_evaluation_is_moved_aside_and_redone(trained_tiny, tmp_path, capsys, monkeypatch):
+    from harness.common.manifest import record_files
     from harness.plan.config import load_config
     from harness.plan.status import aside_name, invalid_files
     from harness.plan.study import plan_study
@@ -791,6 +794,7 @@ def test_16_7_a_stale_evaluation_is_moved_aside_and_redone(trained_tiny, tmp_pat
     data["test_data"] = "an older test set"
     metrics.chmod(0o644)
     metrics.write_text(json.dumps(data))
+    record_files(metrics.parent, ["metrics.json"])  # as scoring on the older test set recorded it
     _, out, _ = cli(["status", "--config", path], capsys, monkeypatch, tmp_path)
     assert "stale" in out and "scored on test data that has changed since" in out
     monkeypatch.chdir(tmp_path)

@@ -8,6 +8,8 @@ plugin imports).
 * :mod:`~harness.adapters.core` — the block-gated low-rank kernels (dense and sparse);
 * :mod:`~harness.adapters.routing` — ``Routing`` and the vectorised routing pieces
   (top-k, capacity, load shares, load-balancing loss), free of host synchronisation;
+* :mod:`~harness.adapters.distributed` — routing statistics and batch-wide losses summed
+  over data-parallel ranks (``reduce_across_ranks``, ``across_ranks``; identity in one process);
 * :mod:`~harness.adapters.grid` — budget primitives: ``BudgetRequest``, ``ParamCount``,
   ``TargetShape``, ``Variant``, the standard granularity grid, the counted-router fit;
 * :mod:`~harness.adapters.components` — parts trained by earlier jobs (staged methods);

@@ -212,6 +212,10 @@ class Method(ABC):
     needs_task_labels: ClassVar[bool] = False
     #: the reference the study compares every method with (peft's LoRA at ranks R and K)
     is_reference: ClassVar[bool] = False
+    #: the trained update is one fixed matrix per adapted layer (dense and independent of the
+    #: input: ``delta(x) = D x``), so ``python -m harness export --merge`` may add it to the
+    #: base weights (a routed or input-gated method never can)
+    mergeable: ClassVar[bool] = False
     #: an ablation names the method it changes one thing of: the significance table then
     #: compares the two at every granularity both ran (e.g. SMoRA with the paper's bias rate)
     ablation_of: ClassVar[str | None] = None

@@ -143,6 +143,14 @@ def _register_loaded(obj: object) -> None:
 def load_plugin(path: str) -> list[str]:
     """Import a plugin by ``module`` or ``module:Class`` path; return the names it registered."""
     module_name, _, attr = path.partition(":")
+    if module_name.startswith(".") or "/" in path or "\\" in path or ".." in module_name:
+        # importlib would fail on it as if the plugin had a bug; it is a path, not a module
+        raise PluginError(
+            f"plugin {path!r} is a file path or a relative import, not a module's import path: "
+            "plugins are imported by dotted name (e.g. my_lab.frozen_router) from the study's "
+            "folder, PYTHONPATH or an installed package, never from a path that could reach "
+            "outside them"
+        )
     before = set(_methods)
     module = _import_module(module_name, f"plugin {path!r}")
     if attr:

@@ -4,6 +4,10 @@ Everything here runs with tensor operations only: no ``.item()``, no ``int(tenso
 no boolean indexing, so nothing forces a GPU->host synchronisation in the routed hot
 path (224 adapted modules a step at paper scale). Statistics (loads, shares) are
 computed on detached tensors, off the autograd path.
+
+Across data-parallel ranks (:mod:`harness.adapters.distributed`): the load shares, the
+Switch-style loss's coefficients and :func:`load_balancing_loss` are those of the global
+batch (counts summed over the ranks); one process is unchanged.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from harness.adapters.distributed import across_ranks, reduce_across_ranks, world_size
 
 
 class TokenBatch:
@@ -236,9 +242,10 @@ def selection_share(
     """Share of the batch's token-to-expert assignments each expert received, ``(E,)``, sums to 1.
 
     ``keep`` (``(N, k)`` bool) drops assignments that did not happen (capacity);
-    masked tokens (padding) do not count.
+    masked tokens (padding) do not count. Under several ranks: the share over the global
+    batch (the counts are summed over the ranks).
     """
-    counts = selection_counts(index, n_experts, token_mask, keep)
+    counts = reduce_across_ranks(selection_counts(index, n_experts, token_mask, keep))
     return counts / counts.sum().clamp_min(1.0)
 
 
@@ -252,9 +259,15 @@ def masked_mean(values: torch.Tensor, token_mask: torch.Tensor | None) -> torch.
 
 
 def soft_share(gate: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean gate per expert over real tokens, normalised to sum to 1 (dense routing)."""
-    mean = masked_mean(gate.detach().float(), token_mask)
-    return mean / mean.sum().clamp_min(1e-12)
+    """Mean gate per expert over real tokens, normalised to sum to 1 (dense routing); over
+    the global batch under several ranks."""
+    g = gate.detach().float()
+    if world_size() > 1:
+        w = torch.ones(g.shape[0], device=g.device) if token_mask is None else token_mask.float()
+        g = reduce_across_ranks((g * w.unsqueeze(-1)).sum(0))
+    else:
+        g = masked_mean(g, token_mask)
+    return g / g.sum().clamp_min(1e-12)
 
 
 def real_tokens(n_tokens: int, token_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
@@ -319,24 +332,37 @@ def load_balancing_loss(
 
     ``f_e``: share of assignments routed to expert ``e`` (without ``keep``: the router's
     choices, before capacity); ``P_e``: mean router probability of ``e`` over real tokens.
-    Equals 1 under perfect balance.
+    Equals 1 under perfect balance. Under several ranks both are the global batch's
+    (:func:`~harness.adapters.distributed.across_ranks`).
     """
     n_experts = probs.shape[-1]
     f = selection_share(index, n_experts, token_mask, keep).to(probs.dtype)
-    return n_experts * torch.sum(f * masked_mean(probs, token_mask))
+    if world_size() == 1:
+        return n_experts * torch.sum(f * masked_mean(probs, token_mask))
+    w = torch.ones(probs.shape[0], dtype=probs.dtype, device=probs.device) if token_mask is None \
+        else token_mask.to(probs.dtype)
+    return across_ranks(
+        lambda p_sum, n: n_experts * torch.sum(f * p_sum) / n.clamp_min(1.0),
+        probs.t().mv(w), w.sum(),
+    )
 
 
 def switch_coefficients(
     counts: torch.Tensor, top_k: int, tokens: TokenBatch, n_tokens: int, weight: float = 1.0
 ) -> torch.Tensor:
     """``a_e = weight · E · counts_e / (k n²)``: Switch's loss is then ``sum_t w_t sum_e p_te a_e``
-    (see :func:`load_balancing_loss_from_counts`); the scalar factor is shared by the forward's layers."""
+    (see :func:`load_balancing_loss_from_counts`); the scalar factor is shared by the forward's layers.
+
+    Under ``N`` ranks ``counts`` and ``n`` are the global batch's and ``a`` is multiplied by
+    ``N``: each rank's loss is ``N`` times its tokens' part of the global loss, so DDP's
+    average of the ranks' gradients (and the mean of their values) is the global loss's."""
     n_experts = counts.shape[0]
     factor = tokens.memo(
         ("switch", n_tokens, n_experts, top_k, weight),
-        lambda: weight * n_experts / (top_k * tokens.count(n_tokens, counts.device) ** 2).clamp_min(1.0),
+        lambda: weight * n_experts * world_size()
+        / (top_k * reduce_across_ranks(tokens.count(n_tokens, counts.device)) ** 2).clamp_min(1.0),
     )
-    return counts * factor
+    return reduce_across_ranks(counts) * factor
 
 
 def load_balancing_loss_from_counts(

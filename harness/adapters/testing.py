@@ -212,7 +212,7 @@ def check_layer(
     fresh, fresh_handle = _holder(method, config, d_in, d_out, seed)
     fresh_handle.load_state(low_handle.adapter_state_dict())  # bf16 values into float32 params
     buffer.seek(0)
-    state = torch.load(buffer, weights_only=False)
+    state = torch.load(buffer, weights_only=True)  # tensors and plain containers only: nothing unpickled runs code
     fresh_optimizer = torch.optim.AdamW(fresh_handle.trainable_parameters(), lr=1e-2)
     fresh_optimizer.load_state_dict(state["optimizer"])
     holder.eval()

@@ -43,7 +43,8 @@ Tables, written to ``{out_dir}/tables/`` by :func:`write_tables`:
 * ``granularity_trend``: per method run at several granularities, its score at each G, the
   slope per doubling of G and the middle bump with their CIs, and the curve's shape.
 
-* ``provenance``: per run, the commit, package versions, device and wall times
+* ``provenance``: per run, the commit, the engine code it trained under (this checkout's,
+  other, or not recorded), package versions, device and wall times
   recorded with the results.
 """
 
@@ -79,7 +80,7 @@ from harness.analysis.results import (
 )
 from harness.analysis.sharing import sharing_table
 from harness.common.files import atomic_write_text, read_json
-from harness.common.metrics import metric, task_metrics
+from harness.common.metrics import GENERATION_METRICS, metric, task_metrics
 from harness.common.render import (
     ACC_DECIMALS,
     best_cells,
@@ -91,6 +92,7 @@ from harness.common.render import (
     to_latex,
 )
 from harness.plan.budget_table import budget_frame, budget_table_texts, verified_budget
+from harness.plan.status import engine_code
 
 if TYPE_CHECKING:
     from harness.plan.study import StudyPlan
@@ -301,6 +303,8 @@ def lm_eval_metrics_table(results: StudyResults) -> pd.DataFrame:
                     continue
                 col = f"lm:{declared.name}:{task}"
                 values = group[col].astype(float) if col in group else pd.Series(dtype=float)
+                if declared.name in GENERATION_METRICS and not values.notna().any():
+                    continue  # a generation metric of a multiple-choice task
                 record[f"{task} {declared.name}"] = (
                     values.mean() * declared.scale if values.notna().any() else math.nan
                 )
@@ -404,6 +408,8 @@ def provenance_table(results: StudyResults) -> pd.DataFrame:
                 "evaluated_utc": (metrics.get("provenance") or {}).get("time_utc"),
                 "git_commit": commit[:12] if commit else None,
                 "git_dirty": git.get("dirty"),
+                # the engine modules it trained under vs this checkout's (harness.plan.status)
+                "engine_code": engine_code(train),
                 "device": train.get("device", "cpu" if not hw.get("cuda") else "cuda"),
                 "hardware": hw.get("gpu") or hw.get("cpu"),
                 **{pkg: versions.get(pkg) for pkg in ("python", "torch", "transformers", "peft")},

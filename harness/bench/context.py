@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from harness.bench.options import BenchOptions
-from harness.data.jsonl import load_jsonl
+from harness.data.sources import load_item_file, read_items
 from harness.data.suite import suite_from_config
 from harness.model.base import autocast_context, load_base
 from harness.model.load import cache_root, decoder_layers
@@ -55,11 +55,11 @@ def _bench_items(config: dict[str, Any]) -> tuple[list[dict], list[dict], str]:
     if data["source"] == "generated":
         suite = suite_from_config(data)
         train, test, where = suite["train"], suite["test"], "generated suite"
-    else:
-        train, test = load_jsonl(data["train"]), load_jsonl(data["test"])
-        where = f"{data['train']} / {data['test']}"
+    else:  # files or hub sources, through data.fields (harness.data.sources)
+        train, test = ([item for _, item in read_items(data, split)] for split in ("train", "test"))
+        where = f"{data.get('dataset', '')} {data.get('train')} / {data.get('test')}".strip()
     if (data_dir / "train.jsonl").exists():
-        train, where = load_jsonl(data_dir / "train.jsonl"), f"{data_dir / 'train.jsonl'}"
+        train, where = load_item_file(data_dir / "train.jsonl"), f"{data_dir / 'train.jsonl'}"
     return train, test, where
 
 

@@ -1,7 +1,7 @@
 """``python -m harness <command>``: the entry points the Snakefile's thin rules call.
 
 Commands: methods, budget, check, status, plan, data, train, evaluate, restore, summary,
-identity, compose, tables, figures, bench. Every command validates its config first and exits with a
+identity, compose, tables, figures, bench, export. Every command validates its config first and exits with a
 one-paragraph message (status 2) on bad input instead of a traceback.
 """
 
@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from harness import checkout_warning
 from harness.cli.bench import add_commands as add_bench_commands
 from harness.cli.console import console, log_to
+from harness.cli.export import add_commands as add_export_commands
 from harness.cli.outputs import add_commands as add_output_commands
 from harness.cli.stages import add_commands as add_stage_commands
 
@@ -30,14 +32,19 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         UnknownMethodError,
     )
     from harness.analysis.results import MissingResultsError
+    from harness.common.lock import OutDirLocked
+    from harness.common.manifest import VerificationError
     from harness.data.jsonl import DataError
+    from harness.data.lm_eval_tasks import TaskFolderError
     from harness.model.load import ModelSourceError
     from harness.model.run_folder import MissingWeightsError, ResultExists, RunFolderConflict
     from harness.plan.checks import PreflightError
     from harness.plan.config import ConfigError
-    from harness.run.train import TrainingDiverged
+    from harness.run.train import CheckpointError, TrainingDiverged
 
     return (
+        OutDirLocked,
+        VerificationError,
         ConfigError,
         BudgetError,
         OptionError,
@@ -52,6 +59,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ResultExists,
         DataError,
         TrainingDiverged,
+        CheckpointError,
+        TaskFolderError,
         PreflightError,
     )
 
@@ -212,6 +221,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     checks, _ = run_checks(load_config(args.config))
     for c in checks:
         print(f"{'ok ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
+        for warning in c.warnings:
+            print(f"warn {c.name}: {warning}")
     failed = [c for c in checks if not c.ok]
     print(f"{args.config}: " + ("ready to run" if not failed else f"{len(failed)} check(s) failed"))
     return 0 if not failed else 2
@@ -305,13 +316,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_stage_commands(sub)
     add_output_commands(sub)
     add_bench_commands(sub)
+    add_export_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "log", None):
+    # a torchrun rank (train.processes > 1) writes to the log its launcher already opened
+    if getattr(args, "log", None) and "LOCAL_RANK" not in os.environ:
         log_to(args.log)
     warning = checkout_warning("this command")
     if warning:

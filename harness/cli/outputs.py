@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from harness.common.manifest import record_files
+from harness.plan.status import assert_results_valid
 from harness.plan.study import plan_from_file
 
 
@@ -24,7 +26,10 @@ def cmd_tables(args: argparse.Namespace) -> int:
     from harness.analysis.tables import write_tables
 
     _, plan = plan_from_file(args.config)
-    _report(write_tables(plan, args.out, verify=not args.no_verify), "table")
+    assert_results_valid(plan)  # never tabulates an invalid result (status names each)
+    paths = write_tables(plan, args.out, verify=not args.no_verify)
+    _record(plan, args.out, paths)
+    _report(paths, "table")
     return 0
 
 
@@ -32,8 +37,19 @@ def cmd_figures(args: argparse.Namespace) -> int:
     from harness.analysis.figures import write_figures
 
     _, plan = plan_from_file(args.config)
-    _report(write_figures(plan, args.out), "figure")
+    assert_results_valid(plan)  # never plots an invalid result (status names each)
+    paths = write_figures(plan, args.out)
+    _record(plan, args.out, paths)
+    _report(paths, "figure")
     return 0
+
+
+def _record(plan, out: str | None, paths: list[Path]) -> None:
+    """Record the study's outputs in ``out_dir/manifest.json`` (a damaged one is rebuilt:
+    :func:`harness.plan.status.invalid_outputs`); files written elsewhere (``--out``) are not."""
+    if out is None:
+        root = plan.out_dir.resolve()
+        record_files(plan.out_dir, [Path(p).resolve().relative_to(root) for p in paths])
 
 
 def cmd_robustness(args: argparse.Namespace) -> int:

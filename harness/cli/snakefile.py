@@ -23,7 +23,7 @@ import yaml
 
 from harness.plan.checks import DRY_RUN_WARNINGS, PreflightError, run_checks
 from harness.plan.config import load_config
-from harness.plan.status import aside_name, invalid_data_summary, invalid_files
+from harness.plan.status import aside_name, invalid_data_summary, invalid_files, invalid_outputs
 
 DEFAULT_CONFIG = "config/default.yaml"
 
@@ -56,6 +56,9 @@ def load_study(workflow, snakemake_config: dict[str, Any]):
             f"{path} itself. Copy it, change the copy and pass it with --configfile."
         )
     checks, plan = run_checks(config)
+    for c in checks:
+        for warning in c.warnings:
+            print(f"harness: warning ({c.name}): {warning}", file=sys.stderr)
     failed = [c for c in checks if not c.ok]
     for c in failed:
         if c.name in DRY_RUN_WARNINGS:
@@ -101,8 +104,9 @@ def component_inputs_of(out_dir: str, plan):
 
     def component_inputs(wildcards) -> list[str]:
         run = getattr(wildcards, "run", None)
-        if run is not None and (Path(out_dir) / "runs" / run / "metrics.json").exists():
-            # a finished run's job will not run again: its components' weights are not
+        if run is not None and (Path(out_dir) / "runs" / run / "train.json").exists() and not any(
+                p.name not in SCORE_FILES for p, _, _ in invalid_files(plan, plan.run(run))):
+            # a finished training's job will not run again: its components' weights are not
             # needed (a fresh clone has none), only the record that they were trained
             return [f"{out_dir}/{path}/train.json" for path in components.get(run, [])]
         run_id = run or wildcards.path.rpartition("/")[2]
@@ -111,28 +115,64 @@ def component_inputs_of(out_dir: str, plan):
     return component_inputs
 
 
-def redo_inputs_of(plan):
-    """Input function for the jobs that write a run's results (``train``, ``evaluate``,
-    ``train_component``): nothing when the run's results are there and valid; else the data
-    summary (so the job waits for a data step that must run first) and the names its invalid
-    result files are moved to (so the ``set_aside`` job moves them first). Wrapped in
-    ``ancient`` by the rules: once moved, an old file never triggers the job again."""
+#: the result files a scoring job writes (``evaluate``, ``tune_score``:
+#: :func:`harness.run.evaluate.evaluate_run`); every other result file of a run is its
+#: training's (``train``, ``tune_run``, ``train_component``). A file scoring writes must be
+#: listed here, or an invalid one would retrain the run instead of rescoring it.
+SCORE_FILES = ("metrics.json", "lm_eval_results.json", "routing.json")
+
+
+def redo_inputs_of(plan, stage: str = "train"):
+    """Input function for the jobs that write a run's results: ``stage="train"`` for the
+    jobs that train (``train``, ``tune_run``, ``train_component``: their results are the
+    training record), ``"score"`` for the jobs that score (``evaluate``, ``tune_score``).
+    Nothing when the stage's results are there and valid; else the data summary (so the job
+    waits for a data step that must run first) and the names its invalid result files are
+    moved to (so the ``set_aside`` job moves them first). A stage asks only for its own
+    files: an invalid score never reruns a finished training. Wrapped in ``ancient`` by the
+    rules: once moved, an old file never triggers the job again."""
     data_summary = plan.out_dir / "data" / "data_summary.json"
+    if stage not in ("train", "score"):
+        raise ValueError(f"stage {stage!r}: valid stages are 'train' and 'score'")
 
     def redo_inputs(wildcards) -> list[str]:
         run_id = getattr(wildcards, "run", None) or wildcards.component.rpartition("/")[2]
         run = plan.run(run_id)
-        invalid = [str(aside_name(path, why)) for path, why, _ in invalid_files(plan, run)]
-        done = plan.run_dir(run) / ("train.json" if run.is_component else "metrics.json")
+        invalid = [
+            str(aside_name(path, why))
+            for path, why, _ in invalid_files(plan, run)
+            if (path.name in SCORE_FILES) == (stage == "score")
+        ]
+        done = plan.run_dir(run) / ("metrics.json" if stage == "score" else "train.json")
         return invalid + ([str(data_summary)] if invalid or not done.exists() else [])
 
     return redo_inputs
 
 
+def score_inputs_of(out_dir: str, plan):
+    """Input function for the scoring rules (``evaluate``, ``tune_score``): a trained run is
+    scored after its training job finished (its ``train.json``); when it must be scored and
+    its weights (or its components' weights) are not here, their ``restore.json`` instead
+    (:func:`needs_weights`). A run whose score is there and valid needs only the record (a
+    fresh clone has no weights; its scoring job does not run). The base model needs nothing."""
+
+    def score_inputs(wildcards) -> list[str]:
+        run = plan.run(wildcards.run)
+        if run.is_base:
+            return []
+        scored = (plan.run_dir(run) / "metrics.json").exists() and not any(
+            p.name in SCORE_FILES for p, _, _ in invalid_files(plan, run))
+        if scored:
+            return [f"{out_dir}/{run.path}/train.json"]
+        return [f for path in [*run.components, run.path] for f in needs_weights(out_dir, path)]
+
+    return score_inputs
+
+
 def tuned_rate_inputs_of(out_dir: str, plan):
     """Input function for the ``train`` rule: a tuned run waits for the tune stage's choice
-    (``tuning/rates.json``); other runs for nothing, and nor does a tuned run whose results
-    are there and valid. Otherwise a choice rewritten for a new method or granularity would
+    (``tuning/rates.json``); other runs for nothing, and nor does a tuned run whose training
+    record is there and valid. Otherwise a choice rewritten for a new method or granularity would
     retrain every finished tuned run of the study (Snakemake reruns the consumers of a file
     another job writes, ``ancient`` or not); a finished run whose rate the choice no longer
     matches is stale instead (:func:`harness.plan.status.invalid_files`) and redone."""
@@ -142,7 +182,8 @@ def tuned_rate_inputs_of(out_dir: str, plan):
         if wildcards.run not in tuned:
             return []
         run = plan.run(wildcards.run)
-        if (plan.run_dir(run) / "metrics.json").exists() and not invalid_files(plan, run):
+        trained = [p for p, _, _ in invalid_files(plan, run) if p.name not in SCORE_FILES]
+        if (plan.run_dir(run) / "train.json").exists() and not trained:
             return []
         return [f"{out_dir}/tuning/rates.json"]
 
@@ -161,10 +202,23 @@ def every_set_aside_of(config: dict[str, Any], plan):
             for run in [*plan.components, *plan.tuning, *plan.runs]
             for path, why, _ in invalid_files(plan, run)
         ]
-        found = invalid_data_summary(config)
+        found = invalid_data_summary(config, plan)
+        names += [str(aside_name(path, why)) for path, why, _ in invalid_outputs(plan)]
         return names + ([] if found is None else [str(aside_name(found[0], found[1]))])
 
     return every_set_aside
+
+
+def outputs_set_aside_of(plan, group: str):
+    """Input function for the ``summary``, ``tables`` and ``figures`` rules (``group``): the
+    names their damaged outputs are moved to (:func:`harness.plan.status.invalid_outputs`: a
+    file that differs from its recorded digest, a ``summary.csv`` that does not list the
+    study's runs), so the ``set_aside`` job moves them and the rule builds them again."""
+
+    def outputs_set_aside(wildcards) -> list[str]:
+        return [str(aside_name(path, why)) for path, why, _ in invalid_outputs(plan, group)]
+
+    return outputs_set_aside
 
 
 def data_set_aside_inputs_of(config: dict[str, Any]):

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from harness.cli.console import console
+from harness.common.lock import out_dir_lock
 from harness.model.run_folder import ResultExists, refuse_to_overwrite
 from harness.plan.study import plan_from_file
 
@@ -20,29 +21,39 @@ def cmd_data(args: argparse.Namespace) -> int:
     from harness.plan.config import load_config
 
     config = load_config(args.config)
-    summary = prepare_data(
-        config["data"], Path(config["out_dir"]) / "data", general_text=config["eval"].get("general_text"),
-        tune=config.get("tune"),
-    )
+    with out_dir_lock(config["out_dir"], _what("data", args)):
+        summary = prepare_data(
+            config["data"], Path(config["out_dir"]) / "data", general_text=config["eval"].get("general_text"),
+            tune=config.get("tune"),
+        )
     counts = ", ".join(f"{t}: {n}" for t, n in summary.get("train_counts", {}).items())
     print(f"data ready in {Path(config['out_dir']) / 'data'}" + (f" ({counts})" if counts else ""))
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train one run and score it right away, in this process (one process start, not two),
-    or train one component. A run whose training finished but whose scores are missing is
-    scored again without retraining (its weights restored first when they are not here)."""
-    from harness.model.run_folder import write_run_spec
-    from harness.run.evaluate import evaluate_run
-    from harness.run.restore import restore_weights
-    from harness.run.train import train_run
-
+    """Train one run and, unless ``--no-score``, score it right away in this process, or
+    train one component. A run whose training finished but whose scores are missing is
+    scored again without retraining (its weights restored first when they are not here).
+    The Snakefile's ``train`` rule passes ``--no-score`` and scores in its own job
+    (``evaluate``): a failed scoring then never discards the finished training."""
     config, plan = plan_from_file(args.config)
     run = plan.run(run_id_of(args.run))
     if run.is_base:
         print(f"{run.run_id} is the untrained base model: nothing to train", file=sys.stderr)
         return 2
+    with out_dir_lock(config["out_dir"], _what("train", args)):
+        return _train(args, config, plan, run)
+
+
+def _train(args: argparse.Namespace, config, plan, run) -> int:
+    """:func:`cmd_train`'s work, with the out_dir lock held (or held by the snakemake whose
+    job this is)."""
+    from harness.model.run_folder import write_run_spec
+    from harness.run.evaluate import evaluate_run
+    from harness.run.restore import restore_weights
+    from harness.run.train import relaunch_under_torchrun, train_run
+
     run_dir = plan.run_dir(run)
     score = not run.is_component and not args.no_score
     if score:
@@ -57,7 +68,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(_restored_words(run.run_id, record))
         print(f"{run.run_id}: already trained ({run_dir / 'train.json'}); scoring it")
     else:
+        # train.processes > 1: this command again as that many torchrun ranks (no return)
+        relaunch_under_torchrun(config, _train_args(args))
         summary = train_run(config, run, run_dir, progress=not args.quiet, stop_after=args.stop_after)
+        if summary.get("rank", 0) != 0:
+            return 0  # another rank of a several-rank run: rank 0 reports and scores
         if "stopped_at" in summary:
             print(f"stopped after step {summary['stopped_at']} (checkpoint kept for resuming)")
             return 0
@@ -73,6 +88,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_args(args: argparse.Namespace) -> list[str]:
+    """The ``train`` command line of ``args`` (what each torchrun rank runs)."""
+    out = ["--debug"] * bool(getattr(args, "debug", False))
+    out += ["train", "--config", str(args.config), "--run", str(args.run)]
+    out += ["--quiet"] * bool(args.quiet) + ["--no-score"] * bool(args.no_score)
+    if args.log:
+        out += ["--log", str(args.log)]
+    if args.stop_after is not None:
+        out += ["--stop-after", str(args.stop_after)]
+    return out
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     """Choose each tuned method x variant's learning rate from its validation scores."""
     from harness.run.tune import choose_rates
@@ -81,7 +108,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if not plan.tuning:
         print(f"{args.config} has no tune stage (no `tune:` section)", file=sys.stderr)
         return 2
-    record = choose_rates(plan)
+    with out_dir_lock(plan.out_dir, _what("tune", args)):
+        record = choose_rates(plan)
     for key, entry in record["rates"].items():
         scores = ", ".join(f"{lr}: {sum(v) / len(v):.4f}" for lr, v in entry["validation"].items())
         print(f"{key}: lr {entry['lr']:g}  (validation score by rate: {scores})")
@@ -110,8 +138,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"{run.run_id} is a component (trained for the runs built on it), not scored on its own",
               file=sys.stderr)
         return 2
-    refuse_to_overwrite(plan.run_dir(run) / "metrics.json", "evaluated")
-    metrics = evaluate_run(config, run, plan.run_dir(run), progress=not args.quiet)
+    with out_dir_lock(plan.out_dir, _what("evaluate", args)):
+        refuse_to_overwrite(plan.run_dir(run) / "metrics.json", "evaluated")
+        metrics = evaluate_run(config, run, plan.run_dir(run), progress=not args.quiet)
     print(f"{run.run_id}: suite acc {metrics['suite_acc']:.4f}")
     return 0
 
@@ -126,15 +155,22 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if run.is_base:
         print(f"{run.run_id} is the untrained base model: it has no weights", file=sys.stderr)
         return 2
-    for path in run.components:
-        part = plan.run(path.rpartition("/")[2])
-        if not (plan.run_dir(part) / "adapter" / "adapter.safetensors").exists():
-            write_run_spec(config, part, plan.run_dir(part))
-            record = restore_weights(config, part, plan.run_dir(part), progress=not args.quiet)
-            print(_restored_words(part.run_id, record))
-    record = restore_weights(config, run, plan.run_dir(run), progress=not args.quiet)
+    with out_dir_lock(plan.out_dir, _what("restore", args)):
+        for path in run.components:
+            part = plan.run(path.rpartition("/")[2])
+            if not (plan.run_dir(part) / "adapter" / "adapter.safetensors").exists():
+                write_run_spec(config, part, plan.run_dir(part))
+                record = restore_weights(config, part, plan.run_dir(part), progress=not args.quiet)
+                print(_restored_words(part.run_id, record))
+        record = restore_weights(config, run, plan.run_dir(run), progress=not args.quiet)
     print(_restored_words(run.run_id, record))
     return 0
+
+
+def _what(command: str, args: argparse.Namespace) -> str:
+    """The command line a lock holder records (what a refused process names)."""
+    run = f" --run {args.run}" if getattr(args, "run", None) else ""
+    return f"python -m harness {command} --config {args.config}{run}"
 
 
 def _restored_words(run_id: str, record: dict) -> str:
@@ -156,9 +192,14 @@ def run_id_of(value: str) -> str:
 
 def cmd_summary(args: argparse.Namespace) -> int:
     from harness.analysis.summary import write_summary
+    from harness.common.manifest import record_files
+    from harness.plan.status import assert_results_valid
 
     _, plan = plan_from_file(args.config)
-    frame = write_summary(plan)
+    with out_dir_lock(plan.out_dir, _what("summary", args)):
+        assert_results_valid(plan)  # never summarises an invalid result (status names each)
+        frame = write_summary(plan)
+        record_files(plan.out_dir, ["summary.csv", "summary.md"])
     print(frame.to_string(index=False))
     return 0
 
@@ -202,9 +243,10 @@ def add_commands(sub) -> None:
     p = sub.add_parser(
         "train",
         help="train one run and score it, or train one component (resumes from its last checkpoint)",
-        description="Train one run of a study and score it with lm-eval in the same process, "
-        "or train one component a staged run is built on (e.g. a task adapter). A killed job "
-        "resumes from its last checkpoint; a run trained but not scored is only scored.",
+        description="Train one run of a study and score it with lm-eval in the same process "
+        "(--no-score: train only), or train one component a staged run is built on (e.g. a task "
+        "adapter). A killed job resumes from its last checkpoint; a run trained but not scored is "
+        "only scored. Refused while another process (e.g. a snakemake) works in the out_dir.",
     )
     p.add_argument("--config", required=True, metavar="FILE", help="study config (YAML)")
     p.add_argument(
@@ -218,7 +260,9 @@ def add_commands(sub) -> None:
     p.add_argument(
         "--no-score",
         action="store_true",
-        help="train only (a run is otherwise scored with lm-eval right away, in this process)",
+        help="train only (a run is otherwise scored with lm-eval right away, in this process); "
+        "the Snakefile's train rule trains only and scores in its own job, so a failed scoring "
+        "never discards the training",
     )
     p.add_argument("--log", metavar="FILE", help="write all output to FILE (a job's log)")
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)

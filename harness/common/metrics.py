@@ -48,7 +48,16 @@ BUILTIN: tuple[Metric, ...] = (
         lm_eval=True, item=brier_item, aggregation="brier_score", uniform_choices=True,
         main_table=True,
     ),
+    # lm-eval's exact match of a generate_until task (harness.data.generation): 1 when the
+    # generated answer, whitespace stripped, equals the item's answer
+    Metric(
+        "exact_match", "exact match", lm_eval=True, item=_binary("exact_match"), binary=True,
+        primary_for="generation",
+    ),
 )
+
+#: metrics of generate_until tasks (the others are multiple_choice metrics)
+GENERATION_METRICS = ("exact_match",)
 
 _registry: dict[str, Metric] = {m.name: m for m in BUILTIN}
 
@@ -68,15 +77,22 @@ def task_metrics() -> list[Metric]:
 def metrics_for(items: Iterable[dict[str, Any]]) -> list[Metric]:
     """The task metrics that apply to one task's items (``uniform_choices``: only when every
     item has the same number of choices, else lm-eval could not aggregate it)."""
+    items = list(items)
+    if items and all("choices" not in it and "answer" in it for it in items):  # generation items
+        return [m for m in task_metrics() if m.name in GENERATION_METRICS]
     counts = {len(it["choices"]) for it in items}
-    return [m for m in task_metrics() if not m.uniform_choices or len(counts) == 1]
+    return [m for m in task_metrics()
+            if m.name not in GENERATION_METRICS and (not m.uniform_choices or len(counts) == 1)]
 
 
 def primary_for(items: list[dict[str, Any]]) -> str:
     """The metric a task is reported with, by its answer form: ``words`` when every choice is
     one word (log-likelihoods compare like with like), else ``phrases`` (lm-eval's
     length-normalised accuracy, its convention for ARC, OpenBookQA, PIQA, HellaSwag)."""
-    form = "words" if all(len(c.split()) == 1 for it in items for c in it["choices"]) else "phrases"
+    if items and all("choices" not in it and "answer" in it for it in items):
+        form = "generation"  # a generate_until task's items: exact match
+    else:
+        form = "words" if all(len(c.split()) == 1 for it in items for c in it["choices"]) else "phrases"
     return next(m.name for m in task_metrics() if m.primary_for == form)
 
 

@@ -1,8 +1,11 @@
-"""Data for the harness: the generated task suite, local JSONL sets, prompts, lm-eval task folders.
+"""Data for the harness: the generated task suite, local and ``datasets`` sources, prompts, lm-eval task folders.
 
 * :mod:`harness.data.suite`: the deterministic, deliberately conflicting task suite;
 * :mod:`harness.data.prompts`: the one place prompt text is built;
 * :mod:`harness.data.jsonl`: load and validate local multiple-choice JSONL files;
+* :mod:`harness.data.sources`: JSONL, CSV, parquet, ``save_to_disk`` and ``datasets`` sources
+  with a field mapping, into multiple-choice or generation items;
+* :mod:`harness.data.generation`: generation items and their lm-eval ``generate_until`` tasks;
 * :mod:`harness.data.lm_eval_tasks`: write an lm-eval task folder for test items;
 * :mod:`harness.data.prepare`: the data step, orchestrating the above.
 """

@@ -9,7 +9,8 @@ One JSON object a line::
 * ``label``: an integer (``true``/``false`` are not), ``0 <= label < len(choices)``;
 * ``task`` (optional): a non-empty string; default ``default_task`` or the file stem.
 
-Blank lines are skipped; other fields are kept as they are. Every error is a
+Blank lines are skipped; other fields are kept as they are (an ``id`` field, when
+present, must be unique within its file: :mod:`harness.data.hygiene`). Every error is a
 :class:`DataError` whose message starts with ``"{path}:{line}: "`` and says what
 would be valid. After the line-by-line check the file is loaded through the
 ``datasets`` library (the project's rule for data loading), into a private
@@ -79,16 +80,28 @@ def validate_item(obj: Any) -> None:
             raise ValueError(f"task must be a non-empty string when given, got {got}")
 
 
+def read_utf8(path: Path) -> str:
+    """The file's text; a byte that is not UTF-8 is a :class:`DataError` naming its line
+    (``"{path}:{line}: "``) and its position in the line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_start = raw.rfind(b"\n", 0, e.start) + 1
+        lineno = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(
+            f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte "
+            f"{e.start - line_start + 1} of the line: {e.reason}); save the file as UTF-8"
+        ) from None
+
+
 def validated_lines(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) for every non-blank line, each validated."""
     if not path.exists():
         raise DataError(f"{path}: file not found")
     if not path.is_file():
         raise DataError(f"{path}: not a file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e})") from None
+    text = read_utf8(path)
     rows: list[tuple[int, dict[str, Any]]] = []
     # Split on "\n" only (as JSON Lines readers do): U+2028 and friends may sit inside strings.
     for lineno, line in enumerate(text.split("\n"), start=1):

@@ -5,14 +5,23 @@
     folder/{prefix}_{T}.yaml      one multiple_choice task, named {prefix}_{T}
     folder/data/{T}.jsonl         its docs, in item order
     folder/{prefix}_suite.yaml    the group over all tasks: mean acc and acc_norm, unweighted
-    folder/suite_data.py          the loader the task YAMLs call
 
-The folder is self-contained and relocatable: each task YAML says
-``custom_dataset: !function suite_data.load`` with ``dataset_kwargs: {file: data/T.jsonl}``
-and ``suite_data.load`` resolves that file next to its own ``__file__``. lm-eval
-calls ``custom_dataset(**metadata, **dataset_kwargs)`` (``metadata`` holds the
-YAML's ``metadata`` plus the TaskManager's or, from ``simple_evaluate`` without a
-task manager, the model args), so the loader accepts and ignores unknown keys.
+The folder holds data only, no code: each task YAML says
+``custom_dataset: !function harness.data.lm_eval_tasks.load_docs`` with
+``dataset_kwargs: {file: data/T.jsonl}``; the loader is this module of the installed harness,
+never a file in the folder (earlier versions wrote a ``suite_data.py`` there, which lm-eval
+imported: an edited copy ran at the next scoring). lm-eval calls
+``custom_dataset(**metadata, **dataset_kwargs)``, and ``metadata`` holds ``config_source``,
+the path of the YAML being loaded, so :func:`load_docs` resolves ``file`` inside the YAML's
+folder: the folder stays relocatable (lm-eval's own ``json`` loader would resolve a relative
+``data_files`` against the working directory instead). The general-text task's detokenizer
+and word/byte counts are lm-eval's own wikitext functions, called through this module too.
+
+lm-eval resolves ``!function a.b.f`` by first looking for a file ``a/b.py`` next to the YAML,
+so a folder could still plant code under that name, or a YAML could be edited to name
+another function: :func:`verify_task_folder` refuses a folder holding any Python file, or a
+YAML with an ``include`` or a ``!function`` other than this module's loaders, and the harness
+calls it before every scoring.
 
 Use it with ``TaskManager(include_path=str(folder), include_defaults=False)``
 (``include_defaults=True`` to add registry tasks) and load ``{prefix}_suite``.
@@ -30,75 +39,146 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import datasets
+import yaml
+from lm_eval.tasks.wikitext.preprocess_wikitext import process_results as wikitext_process_results
+from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer
+
 from harness.common.files import write_if_changed
 from harness.common.metrics import metrics_for
+from harness.data.generation import generation_task_files, is_generation, validate_generation_item
 from harness.data.jsonl import dumps_jsonl, validate_item
 from harness.data.prompts import LM_EVAL_DOC_TO_TEXT, TARGET_DELIMITER
 
-LOADER_MODULE = "suite_data"
+#: the module the task YAMLs' ``!function`` tags name (installed code, never the folder's)
+LOADER_MODULE = "harness.data.lm_eval_tasks"
+#: the functions a task YAML of this writer may name
+LOADER_FUNCTIONS = ("load_docs", "load_general_text", "detokenize", "process_general_text")
+#: the loader file earlier versions wrote into the folder (removed when the folder is rewritten)
+OLD_LOADER = "suite_data.py"
+#: files that Python (or lm-eval's ``!function``) could execute or import
+_CODE_SUFFIXES = (".py", ".pyc", ".pyo", ".pyd", ".so", ".pth")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _DOC_FIELDS = ("question", "choices", "label", "task")
 
-LOADER_SOURCE = '''\
-"""Loads one task's docs for lm-eval (written by harness.data.lm_eval_tasks; do not edit).
-
-The task YAMLs next to this file say ``custom_dataset: !function suite_data.load``
-and ``dataset_kwargs: {file: data/<task>.jsonl}``; the file is resolved relative to
-this folder, so the folder can be moved or copied as a whole.
-"""
-
-from __future__ import annotations
-
-import json
-from pathlib import Path
-
-HERE = Path(__file__).resolve().parent
+class TaskFolderError(ValueError):
+    """A task folder that could make lm-eval run code that is not the installed harness's."""
 
 
-def load(file=None, **kwargs):
-    """``datasets.DatasetDict({"test": ...})`` of a JSONL file, built in memory (no cache
-    to go stale, no builder set-up per task); other kwargs (lm-eval passes the task
-    metadata and any model args) are ignored. The data step validated every line."""
-    import datasets
+# -- the loaders the task YAMLs name (run by lm-eval; installed code) ------------------------
 
-    if not file:
-        raise ValueError("suite_data.load needs dataset_kwargs: {file: data/<task>.jsonl}")
-    path = Path(file)
-    if not path.is_absolute():
-        path = HERE / path
+
+def _data_file(file: Any, config_source: Any, loader: str) -> Path:
+    """``file`` (relative, inside the folder of the YAML ``config_source``) as a path."""
+    if not isinstance(file, str) or not file:
+        raise ValueError(f"{LOADER_MODULE}.{loader} needs dataset_kwargs: {{file: data/<task>.jsonl}}, got {file!r}")
+    if not config_source or config_source == "inline":
+        raise ValueError(
+            f"{LOADER_MODULE}.{loader}: lm-eval passed no YAML path (metadata config_source: "
+            f"{config_source!r}); load the task from its YAML file (lm-eval >= 0.4.13)"
+        )
+    folder = Path(str(config_source)).parent.resolve()
+    path = (folder / file).resolve()
+    if Path(file).is_absolute() or not path.is_relative_to(folder):
+        raise ValueError(f"{config_source}: data file {file!r} is outside the task folder {folder}")
     if not path.is_file():
-        raise FileNotFoundError(f"suite_data.load: no data file {path}")
+        raise FileNotFoundError(f"{config_source}: no data file {path}")
+    return path
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as handle:
-        rows = [json.loads(line) for line in handle if line.strip()]
-    test = datasets.Dataset.from_list(rows)
-    return datasets.DatasetDict({"test": test})
+        return [json.loads(line) for line in handle if line.strip()]
 
 
-def load_general_text(file=None, **kwargs):
+def load_docs(file: str | None = None, config_source: str | None = None, **kwargs: Any) -> datasets.DatasetDict:
+    """``DatasetDict({"test": ...})`` of a task's JSONL file (``file``, relative to the folder of
+    the YAML lm-eval loads, ``config_source``), built in memory (no cache to go stale); other
+    keyword arguments (lm-eval passes the task metadata and any model args) are ignored. The
+    data step validated every line."""
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(_rows(_data_file(file, config_source, "load_docs")))})
+
+
+def load_general_text(file: str | None = None, config_source: str | None = None, **kwargs: Any) -> datasets.DatasetDict:
     """The general-text documents as lm-eval's wikitext task reads them: ``page`` holds a
     document's text (the file's ``text`` field)."""
-    import datasets
-
-    path = HERE / file
-    with open(path, encoding="utf-8") as handle:
-        rows = [json.loads(line) for line in handle if line.strip()]
+    rows = _rows(_data_file(file, config_source, "load_general_text"))
     pages = [{"page": row["text"], "title": row.get("page") or row.get("title") or ""} for row in rows]
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(pages)})
 
 
-def detokenize(doc):
+def detokenize(doc: dict[str, Any]) -> str:
     """lm-eval's own WikiText detokenizer (its wikitext task's ``doc_to_target``)."""
-    from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer
-
     return wikitext_detokenizer(doc)
 
 
-def process_general_text(doc, results):
+def process_general_text(doc: dict[str, Any], results: Sequence[float]) -> dict[str, Any]:
     """lm-eval's own word and byte counts (its wikitext task's ``process_results``)."""
-    from lm_eval.tasks.wikitext.preprocess_wikitext import process_results
+    return wikitext_process_results(doc, results)
 
-    return process_results(doc, results)
-'''
+
+# -- checking a folder before lm-eval reads it -------------------------------------------------
+
+
+class _FunctionTag:
+    def __init__(self, name: str):
+        self.name = name
+
+
+class _RecordingLoader(yaml.SafeLoader):
+    """A safe YAML loader that keeps ``!function`` tags as names (never imports them)."""
+
+
+_RecordingLoader.add_constructor("!function", lambda loader, node: _FunctionTag(loader.construct_scalar(node)))
+
+
+def _functions(node: Any) -> list[str]:
+    if isinstance(node, _FunctionTag):
+        return [node.name]
+    if isinstance(node, dict):
+        return [f for v in node.values() for f in _functions(v)]
+    if isinstance(node, list):
+        return [f for v in node for f in _functions(v)]
+    return []
+
+
+def verify_task_folder(folder: str | Path) -> None:
+    """Refuse (:class:`TaskFolderError`, naming the file) a task folder that would make lm-eval
+    run anything but the installed harness's loaders: a Python file anywhere under it (lm-eval
+    imports ``a/b.py`` next to a YAML for ``!function a.b.f`` before the installed module), a
+    YAML it cannot read safely, a ``!function`` other than :data:`LOADER_FUNCTIONS` of
+    :data:`LOADER_MODULE`, or an ``include`` (it would pull in a YAML from elsewhere). Reading
+    the folder executes nothing."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise TaskFolderError(f"{folder} is not a task folder (no such folder); rerun the data step")
+    allowed = {f"{LOADER_MODULE}.{f}" for f in LOADER_FUNCTIONS}
+    fix = (f"delete {folder} and rerun the data step (`python -m harness data --config <config>` or "
+           "snakemake), which rewrites it")
+    for path in sorted(folder.rglob("*")):
+        if path.name.endswith(_CODE_SUFFIXES) or path.name == "__pycache__":
+            raise TaskFolderError(
+                f"{path}: a task folder holds no code, and lm-eval could import this file while "
+                f"loading a task; never executed. {fix}"
+            )
+    for path in sorted(folder.rglob("*.yaml")) + sorted(folder.rglob("*.yml")):
+        try:
+            config = yaml.load(path.read_text(encoding="utf-8"), Loader=_RecordingLoader)  # a SafeLoader: builds no objects
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise TaskFolderError(f"{path}: not a task YAML the harness wrote ({exc}). {fix}") from None
+        if not isinstance(config, dict):
+            continue
+        if "include" in config:
+            raise TaskFolderError(f"{path}: includes {config['include']!r}; the harness's task YAMLs include nothing. {fix}")
+        foreign = [f for f in _functions(config) if f not in allowed]
+        if foreign:
+            raise TaskFolderError(
+                f"{path}: names !function {', '.join(foreign)}; a task YAML of the harness may name "
+                f"only {', '.join(sorted(allowed))} (installed code). Never executed. {fix}"
+            )
+
+
+# -- the folder ----------------------------------------------------------------------------
 
 
 def group_name(prefix: str = "moelora") -> str:
@@ -162,7 +242,7 @@ def task_yaml(task: str, prefix: str = "moelora", items: Sequence[dict[str, Any]
         "# Written by harness.data.lm_eval_tasks (do not edit: the data step rewrites it).\n"
         f"task: {task_name(task, prefix)}\n"
         f"task_alias: {task}\n"
-        f"custom_dataset: !function {LOADER_MODULE}.load\n"
+        f"custom_dataset: !function {LOADER_MODULE}.load_docs\n"
         "dataset_kwargs:\n"
         f"  file: data/{task}.jsonl\n"
         "output_type: multiple_choice\n"
@@ -227,8 +307,8 @@ def write_task_folder(
             raise ValueError(
                 f"test item {i} has no 'task' field (needed to group items into tasks)"
             )
-        try:
-            validate_item(item)
+        try:  # a generation item (an answer, no choices): harness.data.generation
+            (validate_generation_item if is_generation(item) else validate_item)(item)
         except ValueError as e:
             raise ValueError(f"test item {i} (task {item['task']!r}): {e}") from None
         by_task.setdefault(item["task"], []).append(item)
@@ -243,12 +323,15 @@ def write_task_folder(
             )
 
     tasks = list(by_task)
-    files: dict[str, str] = {LOADER_MODULE + ".py": LOADER_SOURCE}
+    files: dict[str, str] = {}
     files[f"{group_name(prefix)}.yaml"] = group_yaml(tasks, prefix, test_items)
     data_files = {}
     for task, items in by_task.items():
-        files[f"{task_name(task, prefix)}.yaml"] = task_yaml(task, prefix, items)
         data_files[task] = f"data/{task}.jsonl"
+        if is_generation(items[0]):  # a generate_until task (harness.data.generation)
+            files |= generation_task_files(task, task_name(task, prefix), folder, items)
+            continue
+        files[f"{task_name(task, prefix)}.yaml"] = task_yaml(task, prefix, items)
         files[data_files[task]] = dumps_jsonl(
             {
                 **{k: it[k] for k in _DOC_FIELDS},
@@ -266,8 +349,13 @@ def write_task_folder(
     # Remove what an earlier suite left behind (only files of this writer's naming).
     stale = [p for p in folder.glob(f"{prefix}_*.yaml") if p.name not in files]
     stale += [p for p in (folder / "data").glob("*.jsonl") if f"data/{p.name}" not in files]
+    # the loader earlier versions wrote next to the YAMLs (and lm-eval's compiled copies of it)
+    stale += [folder / OLD_LOADER] if (folder / OLD_LOADER).exists() else []
+    stale += list((folder / "__pycache__").glob(OLD_LOADER.removesuffix(".py") + ".*.pyc"))
     for p in stale:
         p.unlink()
+    if (folder / "__pycache__").is_dir() and not any((folder / "__pycache__").iterdir()):
+        (folder / "__pycache__").rmdir()
     written = [rel for rel, text in files.items() if write_if_changed(folder / rel, text)]
     return {
         "group": group_name(prefix),

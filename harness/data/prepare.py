@@ -4,10 +4,14 @@
 
 * ``{"source": "generated", "seed": 1234, "tasks": [...], "train_per_task": 256,
   "test_per_task": 100}`` (``tasks`` optional: all of :data:`harness.data.suite.TASKS`), or
-* ``{"source": "jsonl", "train": "path/train.jsonl", "test": "path/test.jsonl"}``
-  (optional ``tasks`` keeps only those tasks; test items are grouped into lm-eval
-  tasks by their ``task`` field; items without one get the test file's stem, in
-  both files, so train and test tasks line up). ``seed``, ``train_per_task`` and
+* ``{"source": "files", "train": "path/train.csv", "test": "path/test.parquet",
+  "fields": {...}}`` (``jsonl`` is the older name of the same source): JSONL, CSV or parquet
+  files or ``datasets`` ``save_to_disk`` folders, or ``{"source": "hub", "dataset": name,
+  "subset": config, "train": split, "test": split}``, read by :mod:`harness.data.sources`
+  with the optional field mapping ``fields`` (optional ``tasks`` keeps only those tasks;
+  test items are grouped into lm-eval tasks by their ``task`` field; items without one get
+  the test file's stem, in both files, so train and test tasks line up). Multiple-choice
+  and generation items (a string answer) alike. ``seed``, ``train_per_task`` and
   ``test_per_task`` (which the config loader fills in as defaults) are ignored here.
 * ``{"source": "lm_eval", "tasks": ["boolq", "piqa", ...], "train_per_task": None,
   "seed": 1234, "include_path": None}``: the train splits of lm-eval tasks, rendered
@@ -22,6 +26,8 @@ and writes into ``out_dir``::
     data_summary.json    source, seed, counts and label histograms per task per
                          split, sha256 of train.jsonl and of every test file,
                          the group and the lm-eval task names
+    manifest.json        sha256 and size of every file above (harness.common.manifest):
+                         training and scoring verify the files they read against it
 
 Every file is written atomically and only when its content changed, so a rerun
 with the same config leaves all mtimes alone. Returns the summary dict.
@@ -35,19 +41,23 @@ from pathlib import Path
 from typing import Any
 
 from harness.common.files import write_if_changed
+from harness.common.manifest import record_tree
 from harness.common.metrics import primary_for
-from harness.data.jsonl import DataError, load_jsonl, write_jsonl
+from harness.data.generation import GENERATION_METRIC
+from harness.data.jsonl import DataError, write_jsonl
 from harness.data.lm_eval_tasks import write_task_folder
+from harness.data.sources import FILE_SOURCES, HUB_SOURCE, is_generation, read_items
 from harness.data.suite import TASKS, generate_suite
 from harness.data.tasks import test_data_digest, training_data_digest
 from harness.data.validation import validation_split
 
-SOURCES = ("generated", "jsonl", "lm_eval")
+SOURCES = ("generated", *FILE_SOURCES, HUB_SOURCE, "lm_eval")
 GENERATED_KEYS = ("source", "seed", "tasks", "train_per_task", "test_per_task")
-JSONL_KEYS = ("source", "train", "test", "tasks")
+JSONL_KEYS = ("source", "train", "test", "tasks", "fields")
+HUB_KEYS = ("source", "dataset", "subset", "train", "test", "tasks", "fields")
 LM_EVAL_KEYS = ("source", "tasks", "train_per_task", "seed", "include_path")
 # Filled in by the config loader's schema defaults whatever the source; unused for jsonl.
-_JSONL_IGNORED = ("seed", "train_per_task", "test_per_task")
+_JSONL_IGNORED = ("seed", "train_per_task", "test_per_task", "allow_overlap")
 # Likewise: lm-eval's own splits decide the test items.
 _LM_EVAL_IGNORED = ("test_per_task",)
 SUITE_PREFIX = "moelora"
@@ -65,6 +75,8 @@ def _check_config(data_cfg: dict[str, Any]) -> str:
     valid, shown = {
         "generated": (GENERATED_KEYS, GENERATED_KEYS),
         "jsonl": (JSONL_KEYS + _JSONL_IGNORED, JSONL_KEYS),
+        "files": (JSONL_KEYS + _JSONL_IGNORED, JSONL_KEYS),
+        HUB_SOURCE: (HUB_KEYS + _JSONL_IGNORED, HUB_KEYS),
         "lm_eval": (LM_EVAL_KEYS + _LM_EVAL_IGNORED, LM_EVAL_KEYS),
     }[source]
     if source != "lm_eval" and data_cfg.get("include_path") is not None:
@@ -76,17 +88,20 @@ def _check_config(data_cfg: dict[str, Any]) -> str:
             f"unknown data key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
             f"for source {source!r} (valid keys: {', '.join(shown)})"
         )
-    if source == "jsonl":
+    if source in FILE_SOURCES:
         for key in ("train", "test"):
             if key not in data_cfg:
                 raise ValueError(
-                    f"data config with source 'jsonl' is missing key {key!r} "
-                    f"(a path to a JSONL file; required keys: train, test)"
+                    f"data config with source {source!r} is missing key {key!r} "
+                    f"(a path to a JSONL, CSV or parquet file or a save_to_disk folder; required keys: train, test)"
                 )
             if not isinstance(data_cfg[key], (str, Path)) or not str(data_cfg[key]):
                 raise ValueError(
-                    f"data.{key} must be a path to a JSONL file, got {data_cfg[key]!r}"
+                    f"data.{key} must be a path to a JSONL, CSV or parquet file or a save_to_disk folder, "
+                    f"got {data_cfg[key]!r}"
                 )
+    if source == HUB_SOURCE and not data_cfg.get("dataset"):
+        raise ValueError("data config with source 'hub' is missing key 'dataset' (a datasets.load_dataset name)")
     return source
 
 
@@ -114,9 +129,11 @@ def _counts(items: list[dict]) -> dict[str, int]:
 
 
 def _label_histogram(items: list[dict]) -> dict[str, list[int]]:
-    """task -> count of each label value (list index = label)."""
+    """task -> count of each label value (list index = label); multiple-choice tasks only."""
     hist: dict[str, list[int]] = {}
     for it in items:
+        if is_generation(it):
+            continue
         h = hist.setdefault(it["task"], [])
         width = max(len(it["choices"]), it["label"] + 1)
         h.extend([0] * (width - len(h)))
@@ -137,7 +154,9 @@ def _families(items: list[dict]) -> dict[str, str] | None:
 def primary_metric(items: list[dict]) -> str:
     """The metric a task is reported with, by its answer form (the metric registry's
     :func:`harness.common.metrics.primary_for`: ``acc`` when every choice is one word,
-    ``acc_norm`` when the choices are phrases)."""
+    ``acc_norm`` when the choices are phrases); ``exact_match`` for a generation task."""
+    if items and all(is_generation(it) for it in items):
+        return GENERATION_METRIC
     return primary_for(items)
 
 
@@ -163,6 +182,12 @@ def load_general_text(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _sha256(path: Path) -> str:
+    """Of a file's bytes; of a folder (``save_to_disk``), of its files' names and bytes."""
+    if path.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(f.relative_to(path).as_posix().encode() + b"\0" + f.read_bytes())
+        return h.hexdigest()
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -193,19 +218,33 @@ def prepare_data(
             "train_per_task": train_per_task,
             "test_per_task": test_per_task,
         }
-    elif source == "jsonl":
-        train_path, test_path = Path(data_cfg["train"]), Path(data_cfg["test"])
-        test = load_jsonl(test_path)  # default task: the test file's stem ...
-        train = load_jsonl(train_path, default_task=test_path.stem)  # ... for both files
+    elif source in (*FILE_SOURCES, HUB_SOURCE):
+        # default task: the test file's stem (hub: the subset or dataset name), for both sides
+        test = [item for _, item in read_items(data_cfg, "test")]
+        train = [item for _, item in read_items(data_cfg, "train")]
         tasks = data_cfg.get("tasks")
-        test = _select_tasks(test, tasks, "test", test_path)
-        train = _select_tasks(train, tasks, "train", train_path)
-        summary |= {
-            "seed": None,
-            "train_file": str(train_path),
-            "test_file": str(test_path),
-            "source_sha256": {"train": _sha256(train_path), "test": _sha256(test_path)},
-        }
+        if source == HUB_SOURCE:
+            where = {s: f"{data_cfg['dataset']} split {data_cfg.get(s) or s}" for s in ("train", "test")}
+            test = _select_tasks(test, tasks, "test", where["test"])
+            train = _select_tasks(train, tasks, "train", where["train"])
+            summary |= {
+                "seed": None,
+                "dataset": data_cfg["dataset"],
+                "subset": data_cfg.get("subset"),
+                "splits": {s: data_cfg.get(s) or s for s in ("train", "test")},
+            }
+        else:
+            train_path, test_path = Path(data_cfg["train"]), Path(data_cfg["test"])
+            test = _select_tasks(test, tasks, "test", test_path)
+            train = _select_tasks(train, tasks, "train", train_path)
+            summary |= {
+                "seed": None,
+                "train_file": str(train_path),
+                "test_file": str(test_path),
+                "source_sha256": {"train": _sha256(train_path), "test": _sha256(test_path)},
+            }
+        if data_cfg.get("fields"):
+            summary["fields"] = data_cfg["fields"]
     else:  # lm_eval: training mixture only; evaluation reads the tasks from lm-eval itself
         return _prepare_lm_eval(data_cfg, out_dir, summary)
     if not train:
@@ -236,6 +275,7 @@ def prepare_data(
             t: sum(1 / len(it["choices"]) for it in test if it["task"] == t)
             / sum(1 for it in test if it["task"] == t)
             for t in folder["suite_tasks"]
+            if not any(is_generation(it) for it in test if it["task"] == t)
         },
         "label_histogram": {"train": _label_histogram(train), "test": _label_histogram(test)},
         "files": {"train": "train.jsonl", "task_folder": "tasks", "test": test_files},
@@ -269,6 +309,7 @@ def prepare_data(
     summary["train_content"] = training_data_digest(data_cfg)
     summary["test_content"] = test_data_digest({"data": data_cfg, "eval": {"general_text": general_text}})
     write_if_changed(out_dir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
+    record_tree(out_dir, ["train.jsonl", "tune/train.jsonl", SUMMARY_NAME], ["tasks", "tune/tasks"])
     return summary
 
 
@@ -300,4 +341,5 @@ def _prepare_lm_eval(data_cfg: dict[str, Any], out_dir: Path, summary: dict[str,
         "sha256": {"train.jsonl": _sha256(train_file)},
     }
     write_if_changed(out_dir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
+    record_tree(out_dir, ["train.jsonl", "tune/train.jsonl", SUMMARY_NAME], ["tasks", "tune/tasks"])
     return summary

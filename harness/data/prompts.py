@@ -23,6 +23,9 @@ TARGET_DELIMITER = " "
 LM_EVAL_DOC_TO_TEXT = "{{question}}\nAnswer:"
 """:data:`PROMPT_TEMPLATE` as lm-eval's ``doc_to_text`` (a Jinja template)."""
 
+GENERATION_UNTIL = "\n"
+"""Where a generation task's answer ends: trained after the answer, and lm-eval's ``until``."""
+
 
 def build_prompt(item_or_question: Mapping[str, Any] | str) -> str:
     """The context for an item (a dict with ``question``) or for a question string."""
@@ -49,8 +52,11 @@ def training_texts(item: Mapping[str, Any]) -> tuple[str, str]:
     Items rendered from lm-eval tasks (:mod:`harness.data.lm_eval_train`) carry the exact
     strings lm-eval scores (``context``, ``continuation``: the task's own prompt and
     target delimiter); every other item is rendered with :func:`build_prompt` and
-    :func:`continuation`.
+    :func:`continuation`. A generation item (a string ``answer``, no ``choices``) continues
+    with its answer and :data:`GENERATION_UNTIL`, the string lm-eval stops generating at.
     """
     if "context" in item and "continuation" in item:
         return item["context"], item["continuation"]
+    if "choices" not in item and "answer" in item:
+        return build_prompt(item), continuation(item["answer"]) + GENERATION_UNTIL
     return build_prompt(item), continuation(item["choices"][item["label"]])

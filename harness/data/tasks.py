@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from harness.data.jsonl import DataError, validated_lines
+from harness.data.jsonl import DataError
+from harness.data.sources import FILE_SOURCES, HUB_SOURCE, read_items
 from harness.data.suite import resolve_tasks, suite_from_config
 
 
@@ -25,45 +26,39 @@ def training_task_names(data_cfg: dict[str, Any]) -> tuple[str, ...]:
         return tuple(data_cfg["tasks"])
     if source == "generated":
         return tuple(resolve_tasks(None))
-    if source != "jsonl":
+    if source not in (*FILE_SOURCES, HUB_SOURCE):
         return ()
     return tuple(dict.fromkeys(item["task"] for _, item in training_items(data_cfg)))
 
 
-def _jsonl_items(path: Path, default_task: str, tasks: list[str] | None) -> list[tuple[str, dict[str, Any]]]:
-    out = []
-    for number, obj in validated_lines(path):
-        item = {**obj, "task": obj.get("task", default_task)}
-        if tasks is None or item["task"] in tasks:
-            out.append((f"{path}:{number}", item))
-    return out
+def _selected(data_cfg: dict[str, Any], split: str) -> list[tuple[str, dict[str, Any]]]:
+    """A files or hub source's items of one split (:func:`harness.data.sources.read_items`),
+    only those of ``data.tasks`` when set."""
+    tasks = data_cfg.get("tasks")
+    return [(where, item) for where, item in read_items(data_cfg, split) if tasks is None or item["task"] in tasks]
 
 
 def training_items(data_cfg: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """``(where, item)`` for every training item the data step will write (``where``: the
-    file and line, or ``generated item N``); ``data.tasks`` selects. Not for lm-eval sources
+    file and line or row, or ``generated item N``); ``data.tasks`` selects. Not for lm-eval sources
     (their items come from the hub when the data step runs)."""
     source = data_cfg["source"]
-    tasks = data_cfg.get("tasks")
     if source == "generated":
         suite = suite_from_config(data_cfg)
         return [(f"generated item {i}", item) for i, item in enumerate(suite["train"])]
-    if source == "jsonl":
-        train, test = Path(data_cfg["train"]), Path(data_cfg["test"])
-        return _jsonl_items(train, test.stem, tasks)
+    if source in (*FILE_SOURCES, HUB_SOURCE):
+        return _selected(data_cfg, "train")
     raise DataError(f"the training items of data.source {source!r} are known only after the data step")
 
 
 def test_items(data_cfg: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """``(where, item)`` for every test item (generated or JSONL sources)."""
+    """``(where, item)`` for every test item (generated, files or hub sources)."""
     source = data_cfg["source"]
-    tasks = data_cfg.get("tasks")
     if source == "generated":
         suite = suite_from_config(data_cfg)
         return [(f"generated test item {i}", item) for i, item in enumerate(suite["test"])]
-    if source == "jsonl":
-        test = Path(data_cfg["test"])
-        return _jsonl_items(test, test.stem, tasks)
+    if source in (*FILE_SOURCES, HUB_SOURCE):
+        return _selected(data_cfg, "test")
     raise DataError(f"the test items of data.source {source!r} are lm-eval's own")
 
 

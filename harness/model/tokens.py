@@ -8,6 +8,10 @@ No special tokens are added (lm-eval's default for causal models without BOS).
 
 from __future__ import annotations
 
+#: the longest sequence the harness's lm-eval model scores (``HarnessLM``'s ``max_length``
+#: unless given): lm-eval cuts a longer (context + continuation) from the left
+SCORING_WINDOW = 2048
+
 
 def encode(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
@@ -23,3 +27,23 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     whole = encode(tokenizer, context + continuation)
     context_ids = encode(tokenizer, context)
     return context_ids, whole[len(context_ids) :]
+
+
+def encode_pairs(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """:func:`encode_pair` of many pairs in two batched tokenizer calls: the same ids, faster
+    (the lengths check tokenises every training and test item)."""
+    split = []
+    for context, continuation in pairs:
+        if not context:
+            raise ValueError("context must not be empty")
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            continuation = context[-n_spaces:] + continuation
+            context = context[:-n_spaces]
+        split.append((context, continuation))
+    if not split:
+        return []
+    contexts = list(dict.fromkeys(c for c, _ in split))
+    context_ids = dict(zip(contexts, tokenizer(contexts, add_special_tokens=False)["input_ids"]))
+    wholes = tokenizer([c + k for c, k in split], add_special_tokens=False)["input_ids"]
+    return [(context_ids[c], whole[len(context_ids[c]):]) for (c, _), whole in zip(split, wholes)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -106,12 +107,77 @@ def validate_config(raw: dict[str, Any], source: str = "config") -> dict[str, An
     return config
 
 
+#: config values that become file or folder paths (Snakemake patterns, run folders, reads)
+PATH_KEYS = (
+    ("out_dir",),
+    ("cache_dir",),
+    ("model", "source"),
+    ("model", "config_json"),
+    ("data", "train"),
+    ("data", "test"),
+    ("data", "include_path"),
+    ("eval", "include_path"),
+    ("eval", "general_text"),
+)
+
+#: a plugin: a dotted module path, optionally ``:Class`` (what ``importlib`` imports absolutely)
+PLUGIN_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*(:[A-Za-z_]\w*)?$")
+
+
+def path_value_problem(value: str) -> str | None:
+    """Why ``value`` cannot be used in a path the workflow builds (``None``: it can): empty,
+    a brace (Snakemake reads ``{...}`` in a path as a wildcard), a newline or another
+    control character (shell quoting and log lines break; no file system needs them)."""
+    if not value.strip():
+        return "is empty" if not value else "is only whitespace"
+    braces = sorted({c for c in value if c in "{}"})
+    if braces:
+        return (f"contains {' and '.join(map(repr, braces))}: Snakemake reads braces in a path as a "
+                "wildcard, so the study's files could not be named")
+    control = next((c for c in value if ord(c) < 32 or ord(c) == 127), None)
+    if control is not None:
+        name = {"\n": "a newline", "\r": "a carriage return", "\t": "a tab"}.get(control, f"control character {control!r}")
+        return f"contains {name} at position {value.index(control)}"
+    return None
+
+
+def _check_path_values(config: dict[str, Any], source: str) -> None:
+    """Every config value that becomes a path can be one; every plugin is an import path."""
+    for keys in PATH_KEYS:
+        value: Any = config
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        if isinstance(value, str):
+            problem = path_value_problem(value)
+            if problem:
+                raise ConfigError(
+                    f"{source}: {'.'.join(keys)} = {value!r} {problem}; give a non-empty path "
+                    "without braces or control characters (e.g. results/my_study)"
+                )
+    for i, plugin in enumerate(config.get("plugins") or []):
+        if not PLUGIN_PATH.match(plugin):
+            why = (
+                "a file path or a relative import, which could reach outside the folders Python "
+                "imports plugins from (the study's folder, PYTHONPATH, installed packages)"
+                if "/" in plugin or "\\" in plugin or plugin.startswith(".") or ".." in plugin
+                else "not a dotted module path"
+            )
+            raise ConfigError(
+                f"{source}: plugins[{i}] = {plugin!r} is {why}; give the module's import path, "
+                "e.g. my_lab.frozen_router or my_lab.frozen_router:FrozenRouter, with the "
+                "module in the study's folder or an installed package"
+            )
+
+
 def _check_semantics(config: dict[str, Any], source: str) -> None:
+    _check_path_values(config, source)
     data = config["data"]
-    if data["source"] == "jsonl":
+    if data["source"] in ("jsonl", "files"):
         for key in ("train", "test"):
             if key not in data:
-                raise ConfigError(f"{source}: data.source is jsonl, so data.{key} (a file path) is required")
+                raise ConfigError(f"{source}: data.source is {data['source']}, so data.{key} (a file path) is required")
+    if data["source"] == "hub" and not data.get("dataset"):
+        raise ConfigError(f"{source}: data.source is hub, so data.dataset (a datasets.load_dataset name) is required")
     if data["source"] == "lm_eval" and not data.get("tasks"):
         raise ConfigError(
             f"{source}: data.source is lm_eval, so data.tasks (lm-eval task names with a train "

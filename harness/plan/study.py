@@ -16,16 +16,23 @@ import inspect
 import json
 import math
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from harness.adapters import Component, PlanContext, TargetShape, get_method, load_plugin
 from harness.adapters.registry import BUILTIN_PACKAGE
 from harness.common.metrics import register_method_metrics
 from harness.data.tasks import content_digest, task_digests, training_items, training_task_names
 from harness.data.validation import validation_split
-from harness.model.load import adapted_layer_indices, planning_model, target_shapes
+from harness.model.load import (
+    DEFAULT_TINY_ARCHITECTURE,
+    adapted_layer_indices,
+    planning_model,
+    target_shapes,
+)
 from harness.plan.budget import BudgetRequest, BudgetRow, solve_study
 from harness.plan.config import load_config, method_entries
 
@@ -33,10 +40,12 @@ from harness.plan.config import load_config, method_entries
 #: thread count can still move the last bits of floating-point results)
 _EXECUTION_ONLY = {
     "model": ("config_json", "device", "lower_layer_cache"),
-    "train": ("seeds", "checkpoint_every", "threads"),
+    "train": ("seeds", "checkpoint_every", "threads", "processes"),
     # general_text adds a score and changes no training: results without it are stale (its
     # content is part of the test-data digest), not renamed
     "eval": ("include_base", "batch_size", "general_text"),
+    # a declaration for the hygiene check: the items read are the same
+    "data": ("allow_overlap",),
 }
 
 def short_hash(obj: Any, n: int = 8) -> str:
@@ -150,8 +159,10 @@ def method_source(method) -> dict[str, Any]:
     """Where a method's code lives and a digest of it: every module that defines a class of
     the method, its layer or its config (outside the harness and the libraries; a package's
     ``__init__`` brings its sibling modules). ``builtin``: all of it is in the built-in
-    ``methods/`` package. Training records it (``train.json``); a plugin whose digest changed
-    since is retrained (:func:`harness.plan.status.invalid_files`)."""
+    ``methods/`` package (recorded, changes nothing: built-in or plugin, one rule). Training
+    records it (``train.json``); a run whose method digest changed since is stale and
+    retrained (:func:`harness.plan.status.invalid_files`). A plugin subclassing a built-in
+    brings the built-in's file too, so an edit there retrains both."""
     classes = [type(method)]
     for attr in ("layer_cls", "config_cls"):
         if getattr(method, attr, None) is not None:
@@ -174,6 +185,69 @@ def method_source(method) -> dict[str, Any]:
         "digest": _code_digest(ordered) if ordered else None,
         "builtin": bool(ordered) and all(builtin_root in p.parents for p in ordered),
     }
+
+
+_HARNESS = Path(__file__).resolve().parents[1]
+
+#: the toolkit every method is built from: a change here makes every run trained with the
+#: old code stale (:func:`harness.plan.status.invalid_files`)
+TOOLKIT_PACKAGE = "adapters"
+
+#: the engine modules that shape a run's numbers: the training loop and example building,
+#: scoring and its per-item values, every module of ``harness/model/`` (loading, dtype,
+#: lower-layer cache, the lm-eval model, a run folder's rebuild), prompts and the lm-eval
+#: task files. A change here is recorded and flagged (``status``, the provenance table),
+#: not redone.
+ENGINE_MODULES = (
+    "run/train.py",
+    "run/evaluate.py",
+    *sorted(p.relative_to(_HARNESS).as_posix() for p in (_HARNESS / "model").glob("*.py") if p.name != "__init__.py"),
+    "data/prompts.py",
+    "data/generation.py",
+    "data/lm_eval_tasks.py",
+    "common/metrics.py",
+)
+
+
+@lru_cache(maxsize=1)
+def code_identity() -> dict[str, Any]:
+    """The digests (:func:`_code_digest`: comments, docstrings and formatting ignored) of the
+    code that produces a run's numbers besides its method: ``toolkit`` (every module of
+    ``harness.adapters``) and ``engine`` (:data:`ENGINE_MODULES`, one digest each and one
+    over all). Training records it in ``train.json`` (``code``); computed once a process."""
+    toolkit = sorted((_HARNESS / TOOLKIT_PACKAGE).glob("*.py"))
+    engine = [_HARNESS / rel for rel in ENGINE_MODULES if (_HARNESS / rel).is_file()]
+    return {
+        "toolkit": {"package": f"harness.{TOOLKIT_PACKAGE}", "digest": _code_digest(toolkit)},
+        "engine": {
+            "digest": _code_digest(engine),
+            "files": {f"harness/{p.relative_to(_HARNESS).as_posix()}": _code_digest([p]) for p in engine},
+        },
+    }
+
+
+#: code changes declared not to change any number a run records (see the file's header)
+NUMBER_PRESERVING = _HARNESS.parent / "number_preserving.yaml"
+
+
+def declared_equivalent(kind: str, name: str | None = None) -> dict[str, Any] | None:
+    """The declaration in :data:`NUMBER_PRESERVING` that runs recorded under older code of
+    ``kind`` (``method`` with its ``name``, ``toolkit`` or ``engine``) count as trained by
+    today's: ``{"to": current digest, "from": [older digests], "why": ...}``, or ``None``.
+    A declaration whose ``to`` is not today's digest has lapsed (the code changed again) and
+    is ignored by the caller; a malformed file is an error naming it."""
+    if not NUMBER_PRESERVING.exists():
+        return None
+    data = yaml.safe_load(NUMBER_PRESERVING.read_text()) or {}
+    entry = data.get(kind) or {}
+    if name is not None:
+        entry = entry.get(name) or {}
+    if not entry:
+        return None
+    if not isinstance(entry.get("to"), str) or not isinstance(entry.get("from"), list) or not entry.get("why"):
+        raise ValueError(f"{NUMBER_PRESERVING}: {kind}{' ' + name if name else ''} needs 'to' (a digest), "
+                         f"'from' (a list of digests) and 'why' (what shows the numbers are the same)")
+    return entry
 
 
 def _shown(path: Path) -> str:
@@ -294,6 +368,9 @@ def _strip(section: dict[str, Any], name: str) -> dict[str, Any]:
     out = copy.deepcopy(section)
     for key in _EXECUTION_ONLY.get(name, ()):
         out.pop(key, None)
+    tiny = out.get("tiny") if name == "model" else None
+    if isinstance(tiny, dict) and tiny.get("architecture") == DEFAULT_TINY_ARCHITECTURE:
+        del tiny["architecture"]  # the default said aloud: the run ids of before the key existed
     return out
 
 
@@ -309,7 +386,7 @@ def effective_common(config: dict[str, Any]) -> dict[str, Any]:
     return _drop_unset(
         {
             "model": _strip(config["model"], "model"),
-            "data": config["data"],
+            "data": _strip(config["data"], "data"),
             "train": _strip(config["train"], "train"),
             "eval": _strip(config["eval"], "eval"),
         }

@@ -30,8 +30,10 @@ from lm_eval.utils import handle_non_serializable
 
 from harness.adapters.routing import RoutingRecord
 from harness.common.files import atomic_write_json, atomic_write_text, read_json
+from harness.common.manifest import record_files, verify_data
 from harness.common.metrics import item_values, task_metrics
 from harness.common.provenance import provenance
+from harness.data.lm_eval_tasks import verify_task_folder
 from harness.data.lm_eval_train import task_manager
 from harness.data.tasks import test_data_digest
 from harness.model.lm_eval_model import HarnessLM
@@ -98,8 +100,11 @@ def evaluate_run(
     wall = time.perf_counter()
     eval_cfg = config["eval"]
     data_dir = Path(config["out_dir"]) / "data"
-    summary = read_json(data_dir / "data_summary.json")
     tuning = getattr(run, "split", "main") == "tune"
+    # never scored on: a data file that differs from what the data step recorded
+    data_inputs = verify_data(data_dir, ["data_summary.json", "tune/tasks/" if tuning else "tasks/"],
+                              affects=f"run {run.run_id}")
+    summary = read_json(data_dir / "data_summary.json")
     if tuning:  # a tune-stage run: scored on the validation split only (no extra tasks)
         group, task_names = summary["tune"]["group"], list(summary["tune"]["tasks"])
         tasks_dir = data_dir / "tune" / "tasks"
@@ -126,6 +131,7 @@ def evaluate_run(
         manager = task_manager(extra, config["data"].get("include_path"))
         requested = extra
     else:
+        verify_task_folder(tasks_dir)  # nothing in it can make lm-eval run code
         paths = [str(tasks_dir), *([str(eval_cfg["include_path"])] if eval_cfg.get("include_path") else [])]
         manager = TaskManager(include_path=paths, include_defaults=bool(extra))
         requested = [group, *extra]
@@ -192,6 +198,7 @@ def evaluate_run(
         "suite_metric": "mean over tasks of each task's primary metric (acc or acc_norm)",
         # a tune-stage run's validation items are part of its id; the test items are not
         "test_data": None if tuning else test_data_digest(config),
+        "inputs": {"data": data_inputs},  # the data files it was scored on, verified (sha256)
         "effective_experts": None if routing is None else round(routing.effective_experts(), 4),
         "experts_per_token": None if routing is None else round(routing.experts_per_token(), 4),
         "general_text": general_text,
@@ -208,4 +215,5 @@ def evaluate_run(
         "provenance": provenance(),
     }
     atomic_write_json(run_dir / "metrics.json", metrics)
+    record_files(run_dir, [n for n in ("metrics.json", "lm_eval_results.json", "routing.json") if (run_dir / n).is_file()])
     return metrics

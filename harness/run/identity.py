@@ -32,6 +32,7 @@ from safetensors.torch import load_file
 from harness.adapters import get_method
 from harness.common.files import atomic_write_json, atomic_write_text, read_json
 from harness.common.metrics import task_metrics
+from harness.data.lm_eval_tasks import verify_task_folder
 from harness.model.lm_eval_model import HarnessLM
 from harness.model.load import cache_root, resolve_model
 from harness.model.run_folder import write_run_spec
@@ -66,6 +67,7 @@ def suite_scores(config: dict[str, Any], model, model_args: str | None, batch_si
     group, task_names = suite_task_names(data_dir)
     if group is None:
         raise ValueError("data.source lm_eval has no suite task folder; the identity check compares suite tasks")
+    verify_task_folder(data_dir / "tasks")  # nothing in it can make lm-eval run code
     results = lm_eval.simple_evaluate(
         model=model,
         model_args=model_args,

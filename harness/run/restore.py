@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.common.files import atomic_write_json
+from harness.common.manifest import record_files
 from harness.common.provenance import provenance
 from harness.run.train import train_run
 
@@ -54,5 +55,6 @@ def restore_weights(config: dict[str, Any], run, run_dir: Path, progress: bool =
     shutil.rmtree(target, ignore_errors=True)
     (scratch / "adapter").replace(target)
     shutil.rmtree(scratch, ignore_errors=True)
+    record_files(run_dir, ["adapter/adapter.safetensors", "adapter/adapter.json"])  # what scoring verifies
     atomic_write_json(run_dir / "restore.json", record)
     return record

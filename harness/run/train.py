@@ -6,6 +6,13 @@ plus ``handle.aux_loss()``, then ``handle.after_optimizer_step()`` once per
 step. Batches come in a fixed order derived from the seed alone, so every
 method sees the same data in the same order (paired comparisons across methods).
 
+Several ranks (``train.processes: N``, launched with torchrun): the global batch and the
+seed fix the data order as in one process; each rank trains on its equal shard of every
+batch with the trainable parameters wrapped in DDP (nccl on CUDA, gloo on CPU), the loss
+is weighted so that DDP's gradient average is the one-process gradient, routing
+statistics are summed over the ranks (:mod:`harness.adapters.distributed`) and rank 0
+alone writes the log, checkpoints and results.
+
 Resumable: every ``checkpoint_every`` steps the adapter, optimizer, scheduler and
 RNG states are written atomically; a killed run continues from there and ends
 with the same numbers as an uninterrupted one.
@@ -14,29 +21,39 @@ with the same numbers as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
+import os
 import random
 import resource
 import shutil
 import statistics
+import sys
 import time
 from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from harness.adapters import AdapterHandle, get_method
+from harness.adapters.distributed import across_ranks, reduce_across_ranks, world_size
 from harness.common.files import atomic_write_json
+from harness.common.lock import keep_across_exec
+from harness.common.manifest import data_record, record_files, sha256_file, verify_files
 from harness.common.provenance import provenance
-from harness.data.jsonl import DataError, load_jsonl
+from harness.common.state_files import STATE_JSON, StateFileError, load_state, save_state
+from harness.data.jsonl import DataError
 from harness.data.prompts import training_texts
+from harness.data.sources import load_item_file
 from harness.model.base import BaseModel, attach_method, autocast_context, load_base
 from harness.model.load import cache_root
 from harness.model.lower_cache import (
@@ -46,11 +63,19 @@ from harness.model.lower_cache import (
     pad_batch,
     upper_forward,
 )
+from harness.model.run_folder import verify_weights
 from harness.model.tokens import encode_pair
 from harness.plan.memory import memory_table
-from harness.plan.study import RunSettings, resolve_settings, tuned_rate
+from harness.plan.study import RunSettings, code_identity, resolve_settings, tuned_rate
 
 LOG_LOAD_EVERY = 10
+#: how long a rank waits for the others at a collective (rank 0 builds the cache alone)
+RANK_TIMEOUT = timedelta(hours=3)
+
+
+class CheckpointError(RuntimeError):
+    """A run's checkpoint folder that is not resumed from (old pickled format, damaged or
+    foreign files); the message names the file and says to delete the folder and rerun."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -161,6 +186,124 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# -- several ranks (torch.distributed) ------------------------------------------------------
+
+
+def inside_torchrun() -> bool:
+    """True in a process torchrun started (it sets ``RANK`` and ``WORLD_SIZE``)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def torchrun_command(processes: int, harness_args: list[str]) -> list[str]:
+    """The command line that runs ``python -m harness <harness_args>`` as ``processes`` ranks
+    on this node (torch.distributed.run, standalone rendezvous on a free port)."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        "--nproc_per_node", str(processes), "-m", "harness",
+        "--",  # the harness's options are not torchrun's (`--run` would be taken for `--run-path`)
+        *harness_args,
+    ]
+
+
+def relaunch_under_torchrun(config: dict[str, Any], harness_args: list[str]) -> None:
+    """With ``train.processes: N > 1`` outside torchrun, replace this process by torchrun
+    starting ``N`` ranks of the same command (never returns then); otherwise return.
+    Refuses ``N`` larger than the visible GPUs when the model goes to CUDA."""
+    n = int(config["train"].get("processes", 1))
+    if n <= 1 or inside_torchrun():
+        return
+    batch = config["train"]["batch_size"]
+    if batch % n:
+        raise ValueError(
+            f"train.batch_size = {batch} does not split into {n} equal shards "
+            f"(train.processes = {n}); use a batch size divisible by {n}"
+        )
+    if _uses_cuda(config) and torch.cuda.device_count() < n:
+        raise ValueError(
+            f"train.processes = {n} but {torch.cuda.device_count()} GPU(s) are visible; ask the "
+            "cluster for that many GPUs per train job (docs/cluster.md) or lower train.processes"
+        )
+    keep_across_exec(config["out_dir"])  # the ranks work under this job's out_dir lock
+    sys.stdout.flush()
+    sys.stderr.flush()
+    command = torchrun_command(n, harness_args)
+    os.execv(command[0], command)
+
+
+def _uses_cuda(config: dict[str, Any]) -> bool:
+    return config["model"].get("device", "auto") != "cpu" and torch.cuda.is_available()
+
+
+def init_ranks(config: dict[str, Any]) -> tuple[int, int, bool]:
+    """``(rank, world size, opened)``; inside torchrun with several ranks, the process group
+    is initialised here unless the caller already did (``opened`` says which; nccl and this
+    rank's GPU on CUDA, gloo on CPU) and the global batch is checked to split into equal
+    shards. ``(0, 1, False)`` in one process."""
+    if not inside_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+        return 0, 1, False
+    world = int(os.environ["WORLD_SIZE"])
+    batch = config["train"]["batch_size"]
+    if batch % world:
+        raise ValueError(
+            f"train.batch_size = {batch} does not split into {world} equal shards "
+            f"(train.processes = {world}); use a batch size divisible by {world}"
+        )
+    opened = not dist.is_initialized()
+    if opened:
+        # the other ranks wait while rank 0 alone builds what is written once (the lower-layer
+        # cache of a large study can take a while): a long collective timeout
+        if _uses_cuda(config):
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group(backend="nccl", timeout=RANK_TIMEOUT)
+        else:
+            dist.init_process_group(backend="gloo", timeout=RANK_TIMEOUT)
+    return dist.get_rank(), dist.get_world_size(), opened
+
+
+def finish_ranks(opened: bool) -> None:
+    """Wait for every rank, then close the process group if :func:`init_ranks` opened it
+    (rank 0 then scores alone)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        if opened:
+            dist.destroy_process_group()
+
+
+class StepLoss(torch.nn.Module):
+    """One step's loss as a module's forward, so that DDP wraps the adapted model and
+    averages the trainable parameters' gradients over the ranks during backward.
+
+    The answer loss of the rank's shard is turned into the global batch's loss with
+    :func:`~harness.adapters.distributed.across_ranks` (items, or answer tokens under
+    ``per_token``, as the weights), so its value is the global loss and DDP's average
+    gives the one-process gradient whatever the shards' token counts."""
+
+    def __init__(self, model: torch.nn.Module, handle: AdapterHandle):
+        super().__init__()
+        self.model = model
+        self.handle = handle
+
+    def forward(self, batch, start, autocast, per_example: bool):
+        loss = answer_loss(self.model, self.handle, batch, start, autocast, set_routing=False, per_example=per_example)
+        _, _, rows, _, targets = batch
+        weight = torch.unique(rows).numel() if per_example else targets.numel()
+        weight = torch.tensor(float(weight), device=loss.device)
+        loss = across_ranks(lambda total, n: total / n, loss * weight, weight)
+        return loss, self.handle.aux_loss()
+
+
+def wrap_for_ranks(base: BaseModel, handle: AdapterHandle) -> torch.nn.Module:
+    """The model wrapped in DDP over the trainable adapter parameters (buffers such as
+    SMoRA's bias stay in step through the summed statistics, not by broadcast)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [torch.cuda.current_device()] if base.device.type == "cuda" else None
+    # no buffer broadcast before each forward (torch >= 2.13 names it forward_sync_buffers)
+    names = inspect.signature(DistributedDataParallel.__init__).parameters
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in names else {"broadcast_buffers": False}
+    return DistributedDataParallel(StepLoss(base.model, handle), device_ids=device_ids, **no_sync)
+
+
 # -- checkpoints ---------------------------------------------------------------------------
 
 
@@ -173,7 +316,8 @@ def _save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     shutil.copyfile(log_path, tmp / "train_log.jsonl")
-    torch.save(
+    save_state(  # safetensors + JSON: reading it back never unpickles (harness.common.state_files)
+        tmp,
         {
             "step": step,
             "adapter": handle.adapter_state_dict(),
@@ -186,7 +330,6 @@ def _save_checkpoint(
                 "python": random.getstate(),
             },
         },
-        tmp / "state.pt",
     )
     old = directory.with_name(directory.name + ".old")
     if directory.exists():
@@ -195,9 +338,32 @@ def _save_checkpoint(
     shutil.rmtree(old, ignore_errors=True)
 
 
+#: the pickled checkpoint file of earlier versions: never read (unpickling runs code)
+OLD_CHECKPOINT = "state.pt"
+
+
+def _has_checkpoint(directory: Path) -> bool:
+    return (directory / STATE_JSON).exists() or (directory / OLD_CHECKPOINT).exists()
+
+
 def _load_checkpoint(directory: Path, handle: AdapterHandle, optimizer, scheduler) -> int:
-    # onto the CPU first: the optimizer moves its state to its parameters' device itself
-    state = torch.load(directory / "state.pt", weights_only=False, map_location="cpu")
+    """Restore what :func:`_save_checkpoint` wrote; returns the step to continue from. Nothing
+    in the folder is executed: an old pickled ``state.pt`` or a damaged or foreign state file is
+    refused (:class:`CheckpointError`, naming the file), never unpickled."""
+    if not (directory / STATE_JSON).exists():
+        raise CheckpointError(
+            f"{directory / OLD_CHECKPOINT} is an old-format (pickled) checkpoint, which this version "
+            "never loads (unpickling a file can run code). Delete the folder "
+            f"{directory} and rerun: the run's training restarts from step 0."
+        )
+    try:
+        # tensors come back on the CPU: the optimizer moves its state to its parameters' device
+        state = load_state(directory)
+    except StateFileError as exc:
+        raise CheckpointError(
+            f"cannot resume from {directory}: {exc}. Delete that folder and rerun: the run's "
+            "training restarts from step 0."
+        ) from None
     handle.load_state(state["adapter"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -290,22 +456,35 @@ def answer_loss(
 
 def optimizer_step(
     model, handle, optimizer, scheduler, batch, start, autocast, labels, max_grad_norm, diverged,
-    per_example: bool = True,
+    per_example: bool = True, ddp: torch.nn.Module | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
     """One optimizer step of a run: task loss + the method's auxiliary loss, backward,
     clipping, AdamW, scheduler and the method's per-step hook; ``(loss, aux, grad_norm)``.
+
+    ``ddp`` (several ranks: :func:`wrap_for_ranks`): ``batch`` and ``labels`` are this
+    rank's shard; the returned loss and aux are the means over the ranks (the global
+    batch's values), the gradients DDP's average.
 
     Task labels and the routers' token masks stay set through backward: with gradient
     checkpointing each layer's forward (routing included) is recomputed there. A
     non-finite loss raises ``diverged(value)`` before anything is updated.
     """
     with handle.task_labels(labels), routing_state(handle, batch):
-        loss = answer_loss(model, handle, batch, start, autocast, set_routing=False, per_example=per_example)
-        aux = handle.aux_loss()
+        if ddp is None:
+            loss = answer_loss(model, handle, batch, start, autocast, set_routing=False, per_example=per_example)
+            aux = handle.aux_loss()
+        else:
+            loss, aux = ddp(batch, start, autocast, per_example)
         total = loss if aux is None else loss + aux
-        if not torch.isfinite(total):
-            raise diverged(float(total))
+        if ddp is not None:  # every rank sees the same numbers (and stops together)
+            means = reduce_across_ranks(torch.stack([loss, total if aux is None else aux, total])) / world_size()
+            check, logged_loss, logged_aux = means[2], means[0], None if aux is None else means[1]
+        else:
+            check, logged_loss, logged_aux = total, loss, aux
+        if not torch.isfinite(check):
+            raise diverged(float(check))
         total.backward()
+        loss, aux = logged_loss, logged_aux
     grad_norm = None
     if max_grad_norm:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(handle.trainable_parameters(), max_grad_norm))
@@ -347,7 +526,11 @@ def load_training_items(config: dict[str, Any], split: str = "main") -> list[dic
             f"{path}: file not found; write the study's data first "
             "(`python -m harness data --config <config>`, or let snakemake run the data rule)"
         )
-    return load_jsonl(path)
+    # never trained on: a file that differs from what the data step recorded
+    data_dir = Path(config["out_dir"]) / "data"
+    verify_files(data_dir, data_record(data_dir), [path.relative_to(data_dir).as_posix()],
+                 affects="every run that trains on it")
+    return load_item_file(path)  # multiple-choice and generation items (harness.data.sources)
 
 
 def prepare_run(config: dict[str, Any], run) -> RunSetup:
@@ -375,6 +558,8 @@ def prepare_run(config: dict[str, Any], run) -> RunSetup:
     method = get_method(run.method)
     method_config = method.make_config(**run.method_config)
     out_dir = Path(config["out_dir"])
+    for component in run.components:
+        verify_weights(out_dir / component)  # never built on: weights that differ from their record
     handle = attach_method(base, method, method_config, [out_dir / c for c in run.components], seed=run.seed)
     if train_cfg["gradient_checkpointing"]:
         # non-reentrant: recomputes each decoder layer inside backward (see optimizer_step)
@@ -408,28 +593,34 @@ class LoopState:
     tokens: int = 0
 
 
-def resume_or_start(run_dir: Path, handle: AdapterHandle, optimizer, scheduler) -> LoopState:
+def resume_or_start(run_dir: Path, handle: AdapterHandle, optimizer, scheduler, rank: int = 0) -> LoopState:
     """Continue from the run's last checkpoint if there is one (optimizer, scheduler, RNGs
-    and the log up to that step), else start afresh (an old log is removed)."""
+    and the log up to that step; every rank loads it), else start afresh (rank 0 removes
+    an old log)."""
     ckpt_dir = run_dir / "checkpoints" / "last"
     log_path = run_dir / "train_log.jsonl"
-    if (ckpt_dir / "state.pt").exists():
+    if _has_checkpoint(ckpt_dir):
         step = _load_checkpoint(ckpt_dir, handle, optimizer, scheduler)
         lines = [
             line for line in (ckpt_dir / "train_log.jsonl").read_text().splitlines()
             if line and json.loads(line)["step"] < step
         ]
         return LoopState(step, step, lines)
-    if log_path.exists():
+    if log_path.exists() and rank == 0:
         log_path.unlink()
     return LoopState()
 
 
 def train_loop(config: dict[str, Any], run, run_dir: Path, setup: RunSetup, optimizer, scheduler,
-               state: LoopState, progress: bool, stop_after: int | None) -> bool:
+               state: LoopState, progress: bool, stop_after: int | None, ddp: torch.nn.Module | None = None,
+               rank: int = 0) -> bool:
     """Run the optimizer steps from ``state.first_step``, logging each step to
     ``train_log.jsonl`` and checkpointing every ``train.checkpoint_every`` steps. Returns
-    False when ``stop_after`` ended it early (tests simulate a killed job with it)."""
+    False when ``stop_after`` ended it early (tests simulate a killed job with it).
+
+    Several ranks (``ddp`` given): every rank draws the same global batch and trains on its
+    shard (rank ``r`` takes the ``r``-th of ``N`` equal consecutive slices); rank 0 alone
+    writes the log and the checkpoints, which hold the global batch's numbers."""
 
     train_cfg = config["train"]
     base, handle, examples, pool = setup.base, setup.handle, setup.examples, setup.pool
@@ -442,7 +633,8 @@ def train_loop(config: dict[str, Any], run, run_dir: Path, setup: RunSetup, opti
     if base.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(base.device)
     last_finite = None
-    with open(log_path, "w") as log:
+    shards = world_size() if ddp is not None else 1
+    with open(log_path if rank == 0 else os.devnull, "w") as log:
         for line in state.log_lines:
             log.write(line + "\n")
         bar = tqdm(
@@ -450,15 +642,17 @@ def train_loop(config: dict[str, Any], run, run_dir: Path, setup: RunSetup, opti
             initial=state.first_step,
             total=setup.n_steps,
             desc=run.run_id,
-            disable=not progress,
+            disable=not progress or rank != 0,
             mininterval=2,
             dynamic_ncols=True,
         )
         for step in bar:
             t0 = time.perf_counter()
             indices = [pool[j] for j in batch_schedule(len(pool), train_cfg["batch_size"], run.seed, step)]
-            batch = batcher(indices)
-            labels = [examples[i].task for i in indices] if method.needs_task_labels else None
+            size = len(indices) // shards
+            shard = indices[rank * size : (rank + 1) * size]
+            batch = batcher(shard)
+            labels = [examples[i].task for i in shard] if method.needs_task_labels else None
 
             def diverged(value: float, step: int = step, last: float | None = last_finite) -> TrainingDiverged:
                 return TrainingDiverged(
@@ -470,7 +664,7 @@ def train_loop(config: dict[str, Any], run, run_dir: Path, setup: RunSetup, opti
             loss, aux, grad_norm = optimizer_step(
                 base.model, handle, optimizer, scheduler, batch, base.split_start if setup.cache is not None else None,
                 autocast, labels, train_cfg["max_grad_norm"], diverged,
-                per_example=train_cfg.get("loss", "per_example") == "per_example",
+                per_example=train_cfg.get("loss", "per_example") == "per_example", ddp=ddp,
             )
             dt = time.perf_counter() - t0
             loss_value = float(loss.detach())
@@ -492,7 +686,7 @@ def train_loop(config: dict[str, Any], run, run_dir: Path, setup: RunSetup, opti
             bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
             done = step + 1
             every = train_cfg["checkpoint_every"]
-            if every and done % every == 0 and done < setup.n_steps:
+            if every and done % every == 0 and done < setup.n_steps and rank == 0:
                 _save_checkpoint(ckpt_dir, handle, optimizer, scheduler, done, log_path)
             if stop_after is not None and done - state.first_step >= stop_after:
                 return False
@@ -557,6 +751,7 @@ def run_summary(run, run_dir: Path, setup: RunSetup, state: LoopState, train_cfg
         "seed": run.seed,
         "steps": setup.n_steps,
         "batch_size": train_cfg["batch_size"],
+        "processes": train_cfg.get("processes", 1),
         "examples": len(pool),
         "example_tasks": dict(sorted(Counter(examples[i].task for i in pool).items())),
         "truncated_examples": setup.truncated,
@@ -598,6 +793,22 @@ def run_summary(run, run_dir: Path, setup: RunSetup, state: LoopState, train_cfg
     }
 
 
+def training_record(config: dict[str, Any], run) -> dict[str, Any]:
+    """What ``train.json`` records of a run's inputs and code (checked by
+    :func:`harness.plan.status.invalid_files`): ``inputs``, the sha256 of the training file
+    it read (relative to ``out_dir``) and of its components' weights; ``code``, the digests
+    of the toolkit and the engine modules (:func:`harness.plan.study.code_identity`; the
+    method's own is ``method_source``)."""
+    out_dir = Path(config["out_dir"])
+    train_file = out_dir / "data" / ("tune/train.jsonl" if getattr(run, "split", "main") == "tune" else "train.jsonl")
+    inputs = {train_file.relative_to(out_dir).as_posix(): sha256_file(train_file)}
+    for component in getattr(run, "components", None) or []:
+        weights = out_dir / component / "adapter" / "adapter.safetensors"
+        if weights.is_file():
+            inputs[f"{component}/adapter/adapter.safetensors"] = sha256_file(weights)
+    return {"inputs": inputs, "code": code_identity()}
+
+
 def train_run(
     config: dict[str, Any],
     run,
@@ -607,23 +818,41 @@ def train_run(
 ) -> dict[str, Any]:
     """Train one run (or component) into ``run_dir`` and return its summary (also written to
     ``train.json``). A killed run resumes from its last checkpoint; ``stop_after`` ends the
-    process early after that many steps (nothing final is written then)."""
+    process early after that many steps (nothing final is written then).
+
+    Inside torchrun with several ranks (``train.processes``): every rank trains its shard,
+    rank 0 alone writes; the other ranks return ``{"rank": r}``. The process group is
+    closed before returning, so rank 0 may go on alone (scoring)."""
     wall_start = time.perf_counter()
     train_cfg = config["train"]
     torch.set_num_threads(train_cfg["threads"])
+    rank, world, opened = init_ranks(config)
     seed_everything(run.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if world > 1 and rank != 0:
+        dist.barrier()  # rank 0 first: what is written once (a built model, the lower-layer cache)
     setup = prepare_run(config, run)
+    if world > 1 and rank == 0:
+        dist.barrier()
+    ddp = wrap_for_ranks(setup.base, setup.handle) if world > 1 else None
     optimizer = make_optimizer(setup.handle, train_cfg, setup.settings.lr)
     scheduler = make_scheduler(optimizer, train_cfg, setup.n_steps, setup.settings.warmup_steps)
-    state = resume_or_start(run_dir, setup.handle, optimizer, scheduler)
-    if state.resumed_from is not None:
+    state = resume_or_start(run_dir, setup.handle, optimizer, scheduler, rank)
+    if state.resumed_from is not None and rank == 0:
         print(f"resumed {run.run_id} from step {state.resumed_from} of {setup.n_steps}", flush=True)
-    if not train_loop(config, run, run_dir, setup, optimizer, scheduler, state, progress, stop_after):
-        return {"stopped_at": state.first_step + (stop_after or 0)}
+    # an error on one rank ends its process and torchrun ends the others: no barrier then
+    finished = train_loop(config, run, run_dir, setup, optimizer, scheduler, state, progress, stop_after, ddp, rank)
+    if world > 1:
+        finish_ranks(opened)
+    if not finished:
+        return {"stopped_at": state.first_step + (stop_after or 0), "rank": rank}
+    if rank != 0:
+        return {"rank": rank}
     setup.handle.save(run_dir / "adapter", extra={"run_id": run.run_id, "base_model": str(setup.base.source.path)})
     summary = run_summary(run, run_dir, setup, state, train_cfg, wall_start)
+    summary |= training_record(config, run)
     atomic_write_json(run_dir / "train.json", summary)
+    record_files(run_dir, ["adapter/adapter.safetensors", "adapter/adapter.json", "train_log.jsonl", "train.json"])
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return summary
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.adapters import BlockMixtureLayer, Routing
+from harness.adapters.distributed import across_ranks, reduce_across_ranks
 
 LEVELS = ("sequence", "token")
 
@@ -57,12 +58,13 @@ class MoALayer(BlockMixtureLayer):
         self, logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor | None
     ) -> None:
         """Cross-entropy of the router logits against the task labels, averaged over the
-        labelled (and valid) rows; a weighted mean, so no host sync and no empty case."""
+        labelled (and valid) rows; a weighted mean, so no host sync and no empty case
+        (under several ranks: over the global batch's rows)."""
         keep = (labels >= 0).float()
         if valid is not None:
             keep = keep * valid
         per_row = F.cross_entropy(logits.float(), labels.clamp_min(0), reduction="none")
-        loss = (per_row * keep).sum() / keep.sum().clamp_min(1.0)
+        loss = across_ranks(lambda s, c: s / c.clamp_min(1.0), (per_row * keep).sum(), keep.sum())
         self.add_aux_loss(self.config.router_supervision * self.supervision_scale * loss)
 
     def _labels(self, n_sequences: int, device: torch.device) -> torch.Tensor | None:
@@ -119,6 +121,7 @@ class MoALayer(BlockMixtureLayer):
         seq_valid = self._routing_mask.view(n_seq, length).any(1)
         counts = torch.zeros(self.num_experts, dtype=torch.float32, device=first.device)
         counts.index_add_(0, first.reshape(-1), seq_valid.float().repeat_interleave(first.shape[1]))
+        counts = reduce_across_ranks(counts)  # the global batch's shares under several ranks
         return counts / counts.sum().clamp_min(1.0)
 
     def extra_repr(self) -> str:

@@ -25,6 +25,7 @@ rule train_component:
     threads: 1
     resources:
         mem_mb=4000,
+        gpu=STUDY["train"].get("processes", 1),  # one rank per GPU (train.processes)
     conda:
         "../../envs/harness.yaml"
     shell:

@@ -5,12 +5,14 @@
 #     snakemake --cores 1 tables figures     # seconds when every run has its results
 #     snakemake --report report.html         # one HTML page: every table, figure, provenance
 #
-# Uses OUT, CONFIG_PATH, ALL_RUNS and TRAINED (common.smk). Outputs are plain (not
+# Uses OUT, CONFIG_PATH, PLAN, ALL_RUNS, TRAINED and outputs_set_aside_of (common.smk). Outputs are plain (not
 # protected): they are rebuilt from the run folders at will.
 
 
 rule summary:
     input:
+        # a damaged summary (another digest than recorded, not the study's runs): moved aside
+        ancient(outputs_set_aside_of(PLAN, "summary")),
         expand(f"{OUT}/runs/{{run}}/metrics.json", run=ALL_RUNS),
         expand(f"{OUT}/runs/{{run}}/train.json", run=TRAINED),
     output:
@@ -29,6 +31,7 @@ rule summary:
 
 rule tables:
     input:
+        aside=ancient(outputs_set_aside_of(PLAN, "tables")),
         metrics=expand(f"{OUT}/runs/{{run}}/metrics.json", run=ALL_RUNS),
         train=expand(f"{OUT}/runs/{{run}}/train.json", run=TRAINED),
     output:
@@ -46,6 +49,7 @@ rule tables:
 
 rule figures:
     input:
+        aside=ancient(outputs_set_aside_of(PLAN, "figures")),
         metrics=expand(f"{OUT}/runs/{{run}}/metrics.json", run=ALL_RUNS),
         train=expand(f"{OUT}/runs/{{run}}/train.json", run=TRAINED),
         logs=expand(f"{OUT}/runs/{{run}}/train_log.jsonl", run=TRAINED),

@@ -1,11 +1,13 @@
-# The runs: one job trains and scores a run (one process start, not two), the untrained
-# base model is scored on its own, and an invalid result is moved aside before its job
-# redoes it. Uses OUT, TRAINED, UNTRAINED, CONFIG_PATH and the input functions (common.smk).
+# The runs: one job trains a run, another scores it (the untrained base model is only
+# scored), and an invalid result is moved aside before its job redoes it. Uses OUT, TRAINED,
+# ALL_RUNS, CONFIG_PATH and the input functions (common.smk).
 #
-# train.json and train_log.jsonl are `update` outputs: a job whose scores are missing keeps
-# the finished training (it scores it again, restoring the weights first when they are not
-# here) and Snakemake restores them if the job fails. metrics.json is protected, so
-# `--forceall` or `-R` is refused rather than overwriting a finished run's scores.
+# Training and scoring are two jobs so that a finished training is the output of a job that
+# finished: Snakemake removes the outputs of a failed job, and a scoring that fails (an eval
+# task's data missing, out of memory, a time limit) or is interrupted then removes only
+# what scoring writes; the next run scores again and never retrains. The cost is one more
+# process start per run (about 7 s). Every result file is protected: `--forceall` or `-R`
+# is refused rather than overwriting a finished run.
 
 
 rule train:
@@ -15,10 +17,8 @@ rule train:
         ancient(redo_inputs),
         ancient(tuned_rate_inputs),
     output:
-        summary=update(f"{OUT}/runs/{{run}}/train.json"),
-        log=update(f"{OUT}/runs/{{run}}/train_log.jsonl"),
-        metrics=protected(f"{OUT}/runs/{{run}}/metrics.json"),
-        lm_eval=f"{OUT}/runs/{{run}}/lm_eval_results.json",
+        summary=protected(f"{OUT}/runs/{{run}}/train.json"),
+        log=f"{OUT}/runs/{{run}}/train_log.jsonl",
     wildcard_constraints:
         run=one_of(TRAINED),
     params:
@@ -28,20 +28,23 @@ rule train:
     threads: 1
     resources:
         mem_mb=4000,
+        # one rank per GPU (train.processes; docs/cluster.md "Several GPUs per run")
+        gpu=STUDY["train"].get("processes", 1),
     conda:
         "../../envs/harness.yaml"
     shell:
-        "python -m harness train --config {params.config:q} --run {wildcards.run} --log {log:q}"
+        "python -m harness train --config {params.config:q} --run {wildcards.run} --no-score --log {log:q}"
 
 
 rule evaluate:
     input:
-        ancient(redo_inputs),
+        ancient(score_redo_inputs),
+        ancient(score_inputs),
     output:
         metrics=protected(f"{OUT}/runs/{{run}}/metrics.json"),
         lm_eval=f"{OUT}/runs/{{run}}/lm_eval_results.json",
     wildcard_constraints:
-        run=one_of(UNTRAINED),
+        run=one_of(ALL_RUNS),
     params:
         config=CONFIG_PATH,
     log:
