@@ -102,6 +102,8 @@ def load_for(run, step: int):
 
 
 def write_run(plan, run, mtime: float | None = None) -> None:
+    from harness.data.tasks import test_data_digest
+
     run_dir = plan.run_dir(run)
     run_dir.mkdir(parents=True, exist_ok=True)
     key = f"{run.method}-{run.tag}"
@@ -176,6 +178,7 @@ def write_run(plan, run, mtime: float | None = None) -> None:
         # a superset), so every accuracy above is exact
         "items": {task: {"acc": item_bits(acc)} for task, acc in (("alpha", alpha), ("beta", beta))},
         "extra_tasks": {},
+        "test_data": test_data_digest(plan.config),
         "lm_eval_version": "0.4.fixture",
         "timing": {"model_load_s": 1.0, "lm_eval_s": 2.0, "wall_s": 3.0},
         "provenance": prov,

@@ -85,7 +85,7 @@ def test_a_bad_generation_row_names_its_file_and_line(tmp_path):
         read_items({"source": "files", "train": str(path), "test": str(path)}, "test")
 
 
-def test_the_task_yaml_is_lm_evals_own_json_loader_and_builds_the_training_prompt(tmp_path):
+def test_the_task_yaml_loads_through_the_installed_loader_and_builds_the_training_prompt(tmp_path):
     from lm_eval.tasks import TaskManager, get_task_dict
 
     config = _config(tmp_path)
@@ -94,9 +94,10 @@ def test_the_task_yaml_is_lm_evals_own_json_loader_and_builds_the_training_promp
     assert summary["chance"] == {"yn": 0.5} and set(summary["label_histogram"]["test"]) == {"yn"}
     folder = tmp_path / "out" / "data" / "tasks"
     text = (folder / "moelora_rev.yaml").read_text()
-    assert "!function" not in text
-    spec = yaml.safe_load(text)
-    assert spec["dataset_path"] == "json" and spec["output_type"] == "generate_until"
+    # the only code it names is the installed harness's loader; the data path is the folder's own
+    assert "!function harness.data.lm_eval_tasks.load_docs" in text and "file: data/rev.jsonl" in text
+    spec = yaml.load(text.replace("!function ", ""), Loader=yaml.SafeLoader)
+    assert spec["output_type"] == "generate_until"
     assert spec["generation_kwargs"] == {"until": ["\n"], "max_gen_toks": len(" eert\n"), "do_sample": False}
     assert spec["metric_list"][0]["metric"] == "exact_match"
     task = get_task_dict(["moelora_rev"], TaskManager(include_path=str(folder), include_defaults=False))["moelora_rev"]

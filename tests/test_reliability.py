@@ -885,7 +885,7 @@ def test_16_invalid_yaml_names_the_file_and_line(tmp_path):
 @pytest.mark.parametrize(
     ("edit", "fragments"),
     [
-        (lambda tr, te: tr.__setitem__(0, {**tr[0], "label": "1"}), ["train.jsonl:1: label must be an integer", "got str"]),
+        (lambda tr, te: tr.__setitem__(0, {**tr[0], "label": "1"}), ["train.jsonl:1: label '1' is not among the choices", "an index 0..3"]),
         (lambda tr, te: [it.__setitem__("task", "größe") for it in tr + te], ["task name 'größe'", "ASCII letters"]),
         (lambda tr, te: te.append({**te[0], "task": "unseen"}), ["test task(s) 'unseen' have no training items"]),
         (lambda tr, te: tr.__setitem__(1, {**tr[1], "choices": ["only one"], "label": 0}), ["train.jsonl:2: choices must be a list of at least 2 strings"]),

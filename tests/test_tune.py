@@ -72,10 +72,17 @@ def test_a_tuned_runs_id_hashes_the_tune_stage_so_another_grid_is_another_run(tm
 
 def _finish(plan, run, lr: float) -> None:
     """A finished run's records as training and scoring write them (no weights needed)."""
+    from harness.data.tasks import test_data_digest
+
     folder = plan.run_dir(run)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "train.json").write_text(json.dumps({"run_id": run.run_id, "settings": {"lr": lr}}))
-    (folder / "metrics.json").write_text(json.dumps({"run_id": run.run_id, "suite_acc": 0.5}))
+    common = {"run_id": run.run_id, "method": run.method, "variant": run.tag,
+              "granularity": run.granularity, "seed": run.seed}
+    (folder / "train.json").write_text(json.dumps({
+        **common, "settings": {"lr": lr}, "steps": 8, "examples": 48, "final_loss": 1.0,
+        "first_loss": 2.0, "params": {}, "method_config": {}, "effective_config": {}}))
+    (folder / "metrics.json").write_text(json.dumps({
+        **common, "suite_acc": 0.5, "tasks": {}, "items": {}, "test_data": test_data_digest(plan.config)}))
 
 
 def test_a_finished_tuned_run_is_stale_when_the_choice_moved_and_otherwise_does_not_wait_for_it(

@@ -8,9 +8,9 @@ tokens and the newline that ends it, which is the ``until`` string lm-eval stops
 at. lm-eval scores the greedy continuation of the same context, cut at the newline, with
 ``exact_match`` after stripping leading and trailing whitespace (``regexes_to_ignore``).
 
-:func:`generation_task_files` writes a task the way lm-eval's own YAML tasks are written: its
-``json`` dataset loader over the task's JSONL file, Jinja templates, built-in metric, no
-``!function`` (nothing in the task folder is executed).
+:func:`generation_task_files` writes a task the way the multiple-choice tasks are written: its
+docs loaded by the installed harness's ``load_docs`` from the task's JSONL file next to the
+YAML, Jinja templates, lm-eval's built-in metric; nothing in the task folder is executed.
 """
 
 from __future__ import annotations
@@ -69,16 +69,16 @@ def _q(text: str) -> str:
 
 def generation_task_yaml(name: str, alias: str, data_file: str, items: Sequence[dict[str, Any]]) -> str:
     """The YAML text of one ``generate_until`` task named ``name`` over the JSONL ``data_file``
-    (as ``datasets.load_dataset("json")`` resolves it: absolute, or relative to the working
-    directory lm-eval runs in)."""
+    (relative to the YAML's folder). Its docs are loaded by the installed harness's
+    ``load_docs`` (as the multiple-choice tasks are: no code and no working-directory-relative
+    path in the task folder, so the folder can be moved and shared)."""
     return (
         "# Written by harness.data.generation (do not edit: the data step rewrites it).\n"
         f"task: {name}\n"
         f"task_alias: {alias}\n"
-        "dataset_path: json\n"
+        "custom_dataset: !function harness.data.lm_eval_tasks.load_docs\n"
         "dataset_kwargs:\n"
-        "  data_files:\n"
-        f"    test: {_q(data_file)}\n"
+        f"  file: {data_file}\n"
         "output_type: generate_until\n"
         "test_split: test\n"
         f"doc_to_text: {_q(LM_EVAL_DOC_TO_TEXT)}\n"
@@ -115,4 +115,4 @@ def generation_task_files(
                    ensure_ascii=False) + "\n"
         for it in items
     )
-    return {f"{name}.yaml": generation_task_yaml(name, task, str(Path(folder) / rel), items), rel: docs}
+    return {f"{name}.yaml": generation_task_yaml(name, task, rel, items), rel: docs}
