@@ -4,6 +4,7 @@ trained under the older code are not retrained (``number_preserving.yaml``).
     python scripts/declare_number_preserving.py --method smora --why "one-process path unchanged; tests/test_oracles.py"
     python scripts/declare_number_preserving.py --method smora_paper --plugin examples.smora_paper_rate --why "..."
     python scripts/declare_number_preserving.py --toolkit --why "..."
+    python scripts/declare_number_preserving.py --engine --why "..."   # lets tables compare across it
     python scripts/declare_number_preserving.py --list      # what would be stale, by method
 
 The older digests are the ones the runs under ``results/`` recorded (``train.json``) that
@@ -45,8 +46,8 @@ def recorded_digests(kind: str, name: str | None) -> dict[str, int]:
             if train.get("method") != name:
                 continue
             digest = (train.get("method_source") or {}).get("digest")
-        else:
-            digest = ((train.get("code") or {}).get("toolkit") or {}).get("digest")
+        else:  # toolkit or engine
+            digest = ((train.get("code") or {}).get(kind) or {}).get("digest")
         if digest:
             found[digest] = found.get(digest, 0) + 1
     return found
@@ -57,6 +58,8 @@ def main() -> int:
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--method", help="a registered method name")
     group.add_argument("--toolkit", action="store_true", help="the toolkit harness.adapters")
+    group.add_argument("--engine", action="store_true",
+                       help="the engine modules that train and score (harness.plan.study.ENGINE_MODULES)")
     group.add_argument("--list", action="store_true", help="methods whose committed runs recorded other code")
     parser.add_argument("--why", help="what shows the numbers are the same (required to declare)")
     parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
@@ -79,11 +82,11 @@ def main() -> int:
         return 0
     if not args.why:
         parser.error("--why is required: what shows the numbers are the same")
-    kind, name = ("toolkit", None) if args.toolkit else ("method", args.method)
-    current = code_identity()["toolkit"]["digest"] if args.toolkit else method_source(get_method(name))["digest"]
+    kind, name = ("toolkit", None) if args.toolkit else ("engine", None) if args.engine else ("method", args.method)
+    current = (code_identity()[kind]["digest"] if kind != "method" else method_source(get_method(name))["digest"])
     older = sorted(d for d in recorded_digests(kind, name) if d != current)
     if not older:
-        print(f"every committed run of {name or 'the toolkit'} recorded today's digest {current}: nothing to declare")
+        print(f"every committed run of {name or 'the ' + kind} recorded today's digest {current}: nothing to declare")
         return 0
     data = yaml.safe_load(NUMBER_PRESERVING.read_text()) if NUMBER_PRESERVING.exists() else None
     data = data or {}
@@ -91,9 +94,9 @@ def main() -> int:
     if kind == "method":
         data.setdefault("method", {})[name] = entry
     else:
-        data["toolkit"] = entry
+        data[kind] = entry
     NUMBER_PRESERVING.write_text(HEADER + yaml.safe_dump(data, sort_keys=True, width=100))
-    print(f"{NUMBER_PRESERVING.name}: {name or 'toolkit'} {', '.join(older)} -> {current}")
+    print(f"{NUMBER_PRESERVING.name}: {name or kind} {', '.join(older)} -> {current}")
     return 0
 
 

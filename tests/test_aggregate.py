@@ -551,3 +551,25 @@ def test_training_gain_is_its_own_family_against_the_base_model(plan):
     with pytest.raises(ValueError, match="family must be 'methods' or 'training'"):
         significance_table(results, "everything")
 
+
+
+def test_tables_refuse_to_compare_runs_trained_under_different_engine_code(plan, tmp_path):
+    from harness.analysis.tables import write_tables
+    from harness.plan.study import code_identity
+
+    today = code_identity()["engine"]["digest"]
+    trained = plan.trained_runs
+    for i, run in enumerate(trained):
+        path = plan.run_dir(run) / "train.json"
+        train = json.loads(path.read_text())
+        train["code"] = {"engine": {"digest": today if i else "0" * 16}}
+        path.write_text(json.dumps(train))
+    with pytest.raises(ValueError, match="2 different engine codes") as refused:
+        write_tables(plan, tmp_path, verify=False)
+    assert trained[0].run_id in str(refused.value) and "declare_number_preserving" in str(refused.value)
+    # the same engine everywhere: the tables are written
+    path = plan.run_dir(trained[0]) / "train.json"
+    train = json.loads(path.read_text())
+    train["code"]["engine"]["digest"] = today
+    path.write_text(json.dumps(train))
+    assert write_tables(plan, tmp_path, verify=False)

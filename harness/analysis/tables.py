@@ -92,7 +92,7 @@ from harness.common.render import (
     to_latex,
 )
 from harness.plan.budget_table import budget_frame, budget_table_texts, verified_budget
-from harness.plan.status import engine_code
+from harness.plan.status import engine_code, engine_mix
 
 if TYPE_CHECKING:
     from harness.plan.study import StudyPlan
@@ -626,6 +626,9 @@ def write_tables(
     file kinds, atomically, under ``{out_dir}/tables/``) and its report caption; returns the
     paths written."""
     out = Path(out_dir or plan.out_dir)
+    mixed = engine_mix(plan)
+    if mixed:
+        raise ValueError(mixed)
     results = collect_results(plan)
     if verify:
         verified_budget(plan)

@@ -467,3 +467,33 @@ def assert_results_valid(plan) -> None:
             "never used:\n- " + "\n- ".join(problems)
             + "\nRun snakemake (it sets them aside and redoes them) or see `python -m harness status`."
         )
+
+
+def engine_mix(plan) -> str | None:
+    """Why the study's finished runs cannot be compared with each other: they recorded more
+    than one engine digest (``code.engine.digest`` in ``train.json``; a digest declared
+    number-preserving for today's engine in ``number_preserving.yaml`` counts as today's).
+    ``None`` when every run that recorded one recorded the same; runs trained before the
+    harness recorded it are flagged by ``status``, not counted here."""
+    today = code_identity()["engine"]["digest"]
+    declared = declared_equivalent("engine")
+    groups: dict[str, list[str]] = {}
+    for run in plan.trained_runs:
+        train = _read(plan.run_dir(run) / "train.json")
+        digest = ((train.get("code") or {}).get("engine") or {}).get("digest") if isinstance(train, dict) else None
+        if digest is None:
+            continue
+        if declared and declared["to"] == today and digest in declared["from"]:
+            digest = today
+        groups.setdefault(digest, []).append(run.run_id)
+    if len(groups) <= 1:
+        return None
+    parts = "; ".join(
+        f"{'today' if d == today else d[:16]}: {len(ids)} run(s), e.g. {ids[0]}" for d, ids in sorted(groups.items())
+    )
+    return (
+        f"the runs of study {plan.config.get('study')!r} were trained under {len(groups)} different "
+        f"engine codes ({parts}); comparing them is refused. Move the older runs' folders aside "
+        "so snakemake redoes them, or declare the engine change number-preserving "
+        "(scripts/declare_number_preserving.py) after a test retrains one run to identical metrics."
+    )
