@@ -17,13 +17,18 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+def _move_trailing_spaces(context: str, continuation: str) -> tuple[str, str]:
+    """lm-eval's split: the context's trailing whitespace belongs to the continuation."""
     if not context:
         raise ValueError("context must not be empty")
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
-        continuation = context[-n_spaces:] + continuation
-        context = context[:-n_spaces]
+        return context[:-n_spaces], context[-n_spaces:] + continuation
+    return context, continuation
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    context, continuation = _move_trailing_spaces(context, continuation)
     whole = encode(tokenizer, context + continuation)
     context_ids = encode(tokenizer, context)
     return context_ids, whole[len(context_ids) :]
@@ -32,15 +37,7 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 def encode_pairs(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
     """:func:`encode_pair` of many pairs in two batched tokenizer calls: the same ids, faster
     (the lengths check tokenises every training and test item)."""
-    split = []
-    for context, continuation in pairs:
-        if not context:
-            raise ValueError("context must not be empty")
-        n_spaces = len(context) - len(context.rstrip())
-        if n_spaces:
-            continuation = context[-n_spaces:] + continuation
-            context = context[:-n_spaces]
-        split.append((context, continuation))
+    split = [_move_trailing_spaces(context, continuation) for context, continuation in pairs]
     if not split:
         return []
     contexts = list(dict.fromkeys(c for c, _ in split))

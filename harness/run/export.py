@@ -25,7 +25,6 @@ Nothing is pickled and no code is copied. An existing non-empty folder is never 
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import shutil
 import tempfile
@@ -53,6 +52,7 @@ from harness.adapters import (
 )
 from harness.adapters.registry import BUILTIN_PACKAGE
 from harness.common.files import atomic_write_json, read_json
+from harness.common.manifest import sha256_file
 from harness.model.base import load_base
 from harness.model.load import cache_root, resolve_model
 from harness.model.lower_cache import model_fingerprint
@@ -224,7 +224,7 @@ def export_run(
                     "layers, so its layers must subclass harness.adapters.AdapterLayer"
                 )
             save_file(state, str(tmp / MIXTURE_WEIGHTS), metadata={"format": "pt"})
-            meta["weights_sha256"] = _sha256(tmp / MIXTURE_WEIGHTS)
+            meta["weights_sha256"] = sha256_file(tmp / MIXTURE_WEIGHTS)
         else:
             merged = _merged_model(opened, tmp)
             merged.save_pretrained(str(tmp))
@@ -311,14 +311,6 @@ def _merged_model(opened: _OpenedRun, folder: Path) -> nn.Module:
             "per layer, so it must not declare Method.mergeable; export it without --merge"
         )
     return merged
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _readme(meta: dict[str, Any]) -> str:
@@ -416,7 +408,7 @@ def load_exported(
             method = _trusted_method(meta["method"], meta.get("plugins") or [], str(folder / EXPORT_JSON), trust_plugins)
             _warn_changed_code(method, meta, folder)
             weights = folder / MIXTURE_WEIGHTS
-            if meta.get("weights_sha256") != _sha256(weights):
+            if meta.get("weights_sha256") != sha256_file(weights):
                 raise ExportError(
                     f"{weights} is not the file the export wrote (its SHA-256 differs from "
                     f"export.json's weights_sha256 {meta.get('weights_sha256')!r}); export the run again"
