@@ -23,4 +23,6 @@ METHODS = {
     "gralora": "methods.gralora:GraLoRA",
     "flylora": "methods.flylora:FlyLoRA",
     "goat_moe": "methods.goat:GOAT",
+    "xlora": "methods.xlora:XLoRA",
+    "arrow_lora": "methods.arrow:Arrow",
 }

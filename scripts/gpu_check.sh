@@ -38,7 +38,7 @@ Check options:
                          model.dtype of the smoke study and the bench (default: bfloat16
                          on cuda, float32 on cpu; bfloat16 means bf16 autocast wherever
                          the harness runs it)
-  --tiny                 tiny sizes (the CPU fallback for CI): a two-method smoke study,
+  --tiny                 tiny sizes (the CPU fallback for CI): a two-method smoke study (no tune stage),
                          config/gpu-bench-tiny.yaml (hidden 64, 2 layers, R = 8, K = 2,
                          G = 4, 8), 1 warm-up + 2 timed steps, no crossover/scaling sweeps;
                          about a minute on two CPU cores with --device cpu

@@ -338,8 +338,10 @@ def derive(source: Path, out: Path, device: str, dtype: str, out_dir: str, study
     config["model"]["dtype"] = dtype
     if tiny_smoke:
         # the CPU fallback's smoke study: the same DAG (data, train, evaluate, summary, tables,
-        # figures) with two methods at one granularity, so it takes well under a minute of jobs
+        # figures) with two methods at one granularity and no tune stage (its jobs are the
+        # same train and evaluate jobs again), so it takes well under a minute of jobs
         config["methods"] = ["lora", "smora"]
+        config.pop("tune", None)
         config["budget"]["granularities"] = [3]
         config.setdefault("eval", {})["include_base"] = False
     header = (f"# derived by scripts/gpu_check.sh from {source} (device {device}, dtype {dtype}"

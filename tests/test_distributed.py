@@ -201,3 +201,14 @@ def test_cluster_docs_match_the_plan_and_the_profile():
     assert profile["default-resources"]["slurm_partition"] != profile["set-resources"]["train"]["slurm_partition"]
     smk = (ROOT / "workflow" / "rules" / "runs.smk").read_text()
     assert 'gpu=STUDY["train"].get("processes", 1)' in smk
+
+
+def test_bench_ranks_compares_at_least_two_ranks_and_is_in_the_cli_help(tmp_path):
+    """The speed of N ranks is measured by ``python -m harness bench-ranks`` (never asserted
+    here): one rank is not a comparison, and the command is listed."""
+    from harness.bench.ranks import bench_ranks
+    from harness.cli.main import build_parser
+
+    with pytest.raises(ValueError, match="--processes 1: compare at least 2 ranks against 1"):
+        bench_ranks({"methods": ["lora"]}, tmp_path, 1)
+    assert "bench-ranks" in build_parser().format_help()

@@ -688,7 +688,7 @@ def _tree(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_16_4_a_lost_or_corrupt_result_is_redone_by_the_next_snakemake_and_status_names_it(tmp_path, capsys, monkeypatch):
+def test_16_4_a_lost_or_corrupt_result_is_redone_by_the_next_snakemake_and_a_moved_config_redoes_nothing(tmp_path, capsys, monkeypatch):
     """A dry run lists exactly the jobs the real run runs, and reading the Snakefile changes
     nothing: a deleted metrics.json is one evaluate job (scoring only: the training is kept),
     a corrupt one a set_aside job and that evaluate job."""
@@ -739,6 +739,13 @@ def test_16_4_a_lost_or_corrupt_result_is_redone_by_the_next_snakemake_and_statu
     assert json.loads(metrics.read_text())["run_id"] == run_id  # evaluated again
     (kept,) = run_dir.glob("metrics.json.corrupt-*")  # the broken file is kept, not deleted
     assert kept.read_text() == '{"run_id": "' + run_id + '", "suite_a'
+
+    # issue 16.8 on the same finished study (one DAG run less): moving the config file redoes nothing
+    moved = tmp_path / "elsewhere" / "renamed.yaml"
+    moved.parent.mkdir()
+    moved.write_text(path.read_text())
+    dry = snakemake(["-n", "--cores", "1", "--configfile", str(moved)], tmp_path)
+    assert "Nothing to be done" in dry.stdout + dry.stderr, (dry.stdout + dry.stderr)[-2000:]
 
 
 def test_16_6_a_config_file_that_does_not_exist_is_named_with_the_configs_there(tmp_path, capsys, monkeypatch):
@@ -806,16 +813,6 @@ def test_16_7_a_stale_evaluation_is_moved_aside_and_redone(trained_tiny, tmp_pat
     assert code == 0, err
     assert not metrics.exists() and json.loads(target.read_text())["test_data"] == "an older test set"
     assert invalid_files(plan, plan.run(run_id)) == []
-
-
-def test_16_8_moving_the_config_file_redoes_nothing(tmp_path):
-    path = study_config(tmp_path, train__steps=3, train__checkpoint_every=0)
-    assert snakemake(["--cores", "2", "--configfile", str(path)], tmp_path).returncode == 0
-    moved = tmp_path / "elsewhere" / "renamed.yaml"
-    moved.parent.mkdir()
-    moved.write_text(path.read_text())
-    dry = snakemake(["-n", "--cores", "1", "--configfile", str(moved)], tmp_path)
-    assert "Nothing to be done" in dry.stdout + dry.stderr, (dry.stdout + dry.stderr)[-2000:]
 
 
 def test_16_9_a_harness_from_another_checkout_is_named(tmp_path):

@@ -2,7 +2,8 @@
 and test items, Holm-corrected over the family, and the granularity trend of each method.
 
 Inputs are the per-item scores every evaluation stores (``metrics.json``: ``items``, each
-task's primary metric, 0/1 per test item in doc order), so a comparison resamples the two
+task's primary metric, 0/1 per test item in doc order; any per-item float metric the same
+way, :class:`Measure`), so a comparison resamples the two
 sources of noise a reader cares about: which seeds were trained (data order and
 initialisation) and which test items were drawn. The statistic is the suite score of the
 tables (the unweighted mean over tasks of each task's accuracy), so the items of a task
@@ -24,18 +25,34 @@ The trend: per method with >= 2 granularities, the least-squares slope of the su
 against log2 G (percentage points per doubling of the number of experts) with its 95% CI,
 and with >= 3 granularities the "middle bump" (the middle G against the mean of the ends),
 from the same crossed bootstrap; the shape word follows :data:`harness.analysis.stats.SHAPE_RULE`.
+
+The other metrics (:func:`metrics_significance_table`): every per-item metric beside the
+suite score (a secondary metric's suite mean, e.g. lm-eval's Brier score, lower is better;
+each metric of every registry task of ``eval.tasks`` beyond the suite, per lm-eval filter)
+gets the same comparisons under the same resampling, one Holm family per metric, and
+verdicts in the metric's direction (:mod:`harness.common.metrics`).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from harness.adapters import get_method
-from harness.analysis.results import StudyResults, base_key, reference_key, row_label, variant_key
+from harness.adapters.metrics import Metric
+from harness.analysis.results import (
+    StudyResults,
+    base_key,
+    extra_metric,
+    extra_metric_keys,
+    reference_key,
+    row_label,
+    variant_key,
+)
 from harness.analysis.stats import (
     SHAPE_RULE,
     UNIT_STRATIFIED,
@@ -43,10 +60,12 @@ from harness.analysis.stats import (
     estimate_components,
     granularity_trend,
     paired_bootstrap,
+    paired_bootstraps,
     seeds_needed,
     task_weights,
     verdicts,
 )
+from harness.common.metrics import per_item, sample_metrics, task_metrics
 
 if TYPE_CHECKING:
     from harness.plan.study import StudyPlan
@@ -59,24 +78,58 @@ SEED = 0
 UNIT = f"{UNIT_STRATIFIED}: seeds drawn with replacement, and test items drawn with replacement within each task"
 
 
-def item_scores(results: StudyResults, key: str) -> tuple[list[int], np.ndarray, list[str]] | None:
+@dataclass(frozen=True)
+class Measure:
+    """What one family of comparisons resamples: the per-item values stored under ``key``
+    (``metrics.json``'s ``items``, or ``extra_items`` of ``task``) of the metric ``metric``
+    (its declaration: label, unit, direction). ``task`` ``None``: the suite, the mean over the
+    suite's tasks that store it, each task weighing the same; else one registry task of
+    ``eval.tasks`` beyond the suite."""
+
+    key: str
+    metric: Metric
+    task: str | None = None
+
+    @property
+    def label(self) -> str:
+        arrow = {True: " ↑", False: " ↓"}.get(self.metric.higher_is_better, "")
+        return (f"suite {self.metric.label}" if self.task is None else self.metric.label) + arrow
+
+
+def item_scores(
+    results: StudyResults, key: str, measure: Measure | None = None
+) -> tuple[list[int], np.ndarray, list[str]] | None:
     """``(seeds, scores[seed, item], task of each item)`` of one method x variant, from the
-    per-item primary-metric scores its evaluations stored; ``None`` when a run has none."""
+    per-item values its evaluations stored: each task's primary metric (``measure`` ``None``)
+    or the metric of ``measure``; ``None`` when a run has none."""
     runs = results.runs[results.runs["key"] == key].sort_values("seed")
     rows, seeds, groups = [], [], None
     for run_id, seed in zip(runs["run_id"], runs["seed"]):
         metrics = results.metrics[run_id]
         items = metrics.get("items")
-        if not items:
-            return None
         row, tasks = [], []
-        for task in results.tasks:
-            metric = (metrics["tasks"].get(task) or {}).get("primary", "acc")
-            bits = (items.get(task) or {}).get(metric)
-            if bits is None:
+        if measure is None:
+            if not items:
                 return None
-            row += [int(b) for b in bits]
-            tasks += [task] * len(bits)
+            for task in results.tasks:
+                metric = (metrics["tasks"].get(task) or {}).get("primary", "acc")
+                bits = (items.get(task) or {}).get(metric)
+                if bits is None:
+                    return None
+                row += per_item(bits)
+                tasks += [task] * len(bits)
+        elif measure.task is None:
+            for task in results.tasks:
+                values = ((items or {}).get(task) or {}).get(measure.key)
+                if values is not None:  # a task without it (the Brier score of mixed choice counts)
+                    row += per_item(values)
+                    tasks += [task] * len(values)
+        else:
+            values = ((metrics.get("extra_items") or {}).get(measure.task) or {}).get(measure.key)
+            if values is not None:
+                row, tasks = per_item(values), [measure.task] * len(values)
+        if not row:
+            return None
         if groups is None:
             groups = tasks
         elif tasks != groups:
@@ -86,6 +139,43 @@ def item_scores(results: StudyResults, key: str) -> tuple[list[int], np.ndarray,
     if not rows:
         return None
     return seeds, np.asarray(rows, dtype=float), groups
+
+
+def _has_items(m: Metric) -> bool:
+    """Whether a metric has per-item values (read from lm-eval's samples, or computed per item
+    from stored samples)."""
+    rule = sample_metrics().get(m.name)
+    return m.item is not None or (rule is not None and rule[1].per_item)
+
+
+def measures(results: StudyResults) -> list[Measure]:
+    """The metrics beside the suite score that some run reports: each secondary task metric
+    the main table shows (``Metric.main_table``) with per-item values, as a suite mean, then
+    every metric of every registry task of ``eval.tasks`` beyond the suite, in the order the
+    runs report them."""
+    out = []
+    declared = [*task_metrics(), *(m for m, _ in sample_metrics().values())]
+    for m in declared:
+        if m.main_table and _has_items(m) and any(
+            isinstance(((metrics.get("tasks") or {}).get(t) or {}).get(m.name), (int, float))
+            for metrics in results.metrics.values() for t in results.tasks
+        ):
+            out.append(Measure(m.name, m))
+    seen: dict[tuple[str, str], dict[str, Any]] = {}
+    for metrics in results.metrics.values():
+        for task, keys in extra_metric_keys(metrics).items():
+            for k in keys:
+                seen.setdefault((task, k), metrics)
+    out += [Measure(k, extra_metric(metrics, task, k), task) for (task, k), metrics in seen.items()]
+    return out
+
+
+def aggregate_only(results: StudyResults) -> list[Metric]:
+    """The metrics some run reports that have no per-item values (a calibration error over
+    all items): the main table shows them, no interval does."""
+    reported = {name for metrics in results.metrics.values()
+                for values in (metrics.get("tasks") or {}).values() for name in values}
+    return [m for m, rule in sample_metrics().values() if not rule.per_item and m.name in reported]
 
 
 def _paired(a, b) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
@@ -157,6 +247,28 @@ def training_gain_pairs(results: StudyResults) -> list[dict[str, Any]]:
     return [{"comparison": "vs base model", "key": key, "versus": base} for key in results.keys if key != base]
 
 
+def _bootstrap_family(pairs: list[dict[str, Any]], scores: dict[str, Any], scale: float) -> list[dict[str, Any] | None]:
+    """The paired bootstrap of every comparison of a family (``None`` where a side has no
+    per-item values), in ``scale`` units (100: percentage points of a share). Comparisons of
+    one shape on the same items share one set of draws (:func:`paired_bootstraps`: the same
+    results as one call each)."""
+    paired = [_paired(scores.get(spec["key"]), scores.get(spec["versus"])) for spec in pairs]
+    batches: dict[tuple[Any, ...], list[int]] = {}
+    for i, p in enumerate(paired):
+        if p is not None:
+            batches.setdefault((p[0].shape, tuple(p[2])), []).append(i)
+    raw: list[dict[str, Any] | None] = [None] * len(pairs)
+    for indices in batches.values():
+        groups = paired[indices[0]][2]
+        done = paired_bootstraps(
+            [(paired[i][0] * scale, paired[i][1] * scale) for i in indices], weights=task_weights(groups),
+            groups=groups, n_boot=N_BOOT, seed=SEED, alpha=ALPHA, return_replicates=True,
+        )
+        for i, res in zip(indices, done):
+            raw[i] = res
+    return raw
+
+
 def significance_table(results: StudyResults, family: str = "methods") -> pd.DataFrame:
     """One row per comparison of a family: ``comparison, label, versus, method, variant,
     n_seeds, n_items, diff, ci_low, ci_high, p_value, p_holm, ci_family_low,
@@ -168,18 +280,7 @@ def significance_table(results: StudyResults, family: str = "methods") -> pd.Dat
     if family not in ("methods", "training"):
         raise ValueError(f"family must be 'methods' or 'training', got {family!r}")
     pairs = comparison_pairs(results) if family == "methods" else training_gain_pairs(results)
-    raw = []
-    for spec in pairs:
-        paired = _paired(scores.get(spec["key"]), scores.get(spec["versus"]))
-        if paired is None:
-            raw.append(None)
-            continue
-        a, b, groups = paired
-        res = paired_bootstrap(
-            a * 100, b * 100, weights=task_weights(groups), groups=groups, n_boot=N_BOOT,
-            seed=SEED, alpha=ALPHA, return_replicates=True,
-        )
-        raw.append(res)
+    raw = _bootstrap_family(pairs, scores, 100.0)
     decided = verdicts([r for r in raw if r is not None], ALPHA, rule="holm") if any(raw) else []
     it = iter(decided)
     records = []
@@ -216,6 +317,110 @@ def significance_table(results: StudyResults, family: str = "methods") -> pd.Dat
     columns = ["comparison", "label", "versus", "method", "variant", "n_seeds", "n_items", "diff",
                "ci_low", "ci_high", "p_value", "p_holm", "ci_family_low", "ci_family_high", "verdict"]
     return pd.DataFrame.from_records(records, columns=columns)
+
+
+#: verdict words in a metric's direction (lower is better: the words swap; no direction:
+#: which side is higher)
+_DIRECTED = {
+    True: {"better": "better", "worse": "worse"},
+    False: {"better": "worse", "worse": "better"},
+    None: {"better": "higher", "worse": "lower"},
+}
+
+
+def metrics_significance_table(results: StudyResults) -> pd.DataFrame:
+    """The comparisons of :func:`comparison_pairs` for every metric beside the suite score
+    (:func:`measures`), one row per metric x comparison, one Holm family per metric:
+    ``measure, metric, task, higher_is_better, comparison, label, versus, method, variant,
+    n_seeds, n_items, diff, ci_low, ci_high, p_value, p_holm, ci_family_low,
+    ci_family_high, verdict``. Differences ``A - B`` in the metric's unit as the tables show it
+    (percentage points for a share); the verdict follows the metric's direction (for the
+    Brier score, a positive difference is "worse"; "higher"/"lower" for a metric without one)."""
+    plan = results.plan
+    pairs = comparison_pairs(results)
+    records = []
+    for measure in measures(results):
+        scores = {key: item_scores(results, key, measure) for key in results.keys}
+        raw = _bootstrap_family(pairs, scores, measure.metric.scale)
+        decided = iter(verdicts([r for r in raw if r is not None], ALPHA, rule="holm") if any(raw) else [])
+        words = _DIRECTED[measure.metric.higher_is_better]
+        for spec, res in zip(pairs, raw):
+            method, variant = spec["key"].split("-", 1)
+            vm, vv = spec["versus"].split("-", 1)
+            row: dict[str, Any] = {
+                "measure": measure.label, "metric": measure.key, "task": measure.task or "suite",
+                "higher_is_better": measure.metric.higher_is_better, "decimals": measure.metric.decimals,
+                "comparison": spec["comparison"], "label": row_label(plan, method, variant),
+                "versus": row_label(plan, vm, vv), "method": method, "variant": variant,
+            }
+            if res is None:
+                row["verdict"] = "no per-item values stored"
+            else:
+                d = next(decided)
+                significant = d["verdict"] != "no difference detected" and d.get("family_ci_excludes_zero", False)
+                row.update({
+                    "n_seeds": d["n_seeds"], "n_items": d["n_items"], "diff": d["diff"],
+                    "ci_low": d["ci_low"], "ci_high": d["ci_high"], "p_value": d["p_value"],
+                    "p_holm": d["p_holm"], "ci_family_low": d.get("ci_family_low"),
+                    "ci_family_high": d.get("ci_family_high"),
+                    "verdict": words[d["verdict"]] if significant else "no difference detected",
+                })
+            records.append(row)
+    columns = ["measure", "metric", "task", "higher_is_better", "decimals", "comparison", "label", "versus",
+               "method", "variant", "n_seeds", "n_items", "diff", "ci_low", "ci_high", "p_value", "p_holm",
+               "ci_family_low", "ci_family_high", "verdict"]
+    return pd.DataFrame.from_records(records, columns=columns)
+
+
+def metrics_significance_display(table: pd.DataFrame) -> pd.DataFrame:
+    def num(v: Any, places: int) -> str:
+        return "–" if v is None or pd.isna(v) else f"{v:+.{places}f}"
+
+    def ci(lo: Any, hi: Any, places: int) -> str:
+        return "–" if lo is None or pd.isna(lo) else f"[{lo:+.{places}f}, {hi:+.{places}f}]"
+
+    places = table["decimals"].astype(int)
+    return pd.DataFrame({
+        "metric": table["measure"],
+        "comparison": table["comparison"],
+        "method": table["label"],
+        "versus": table["versus"],
+        "seeds": table["n_seeds"].map(lambda v: "–" if pd.isna(v) else str(int(v))),
+        "diff": [num(v, k) for v, k in zip(table["diff"], places)],
+        "95% CI": [ci(lo, hi, k) for lo, hi, k in zip(table["ci_low"], table["ci_high"], places)],
+        "family CI": [ci(lo, hi, k) for lo, hi, k in zip(table["ci_family_low"], table["ci_family_high"], places)],
+        "p": table["p_value"].map(_p),
+        "Holm p": table["p_holm"].map(_p),
+        "verdict": table["verdict"],
+    })
+
+
+def metrics_significance_caption(results: StudyResults, table: pd.DataFrame) -> str:
+    plan = results.plan
+    families = table.groupby("measure", sort=False)["diff"].apply(lambda d: int(d.notna().sum())) if len(table) else {}
+    sizes = ", ".join(f"{m}: {n}" for m, n in dict(families).items())
+    aggregate = aggregate_only(results)
+    stored = len(results.with_samples)
+    return (
+        f"Study {plan.config['study']}: the metrics beside the suite score, compared like it. Each "
+        "secondary metric the main table shows, as its suite mean (the mean over the tasks that "
+        "report it, each task weighing the same), and each metric of every registry task of "
+        "eval.tasks beyond the suite (per lm-eval filter), over the comparisons of significance.md "
+        "(each method x variant against LoRA rank R, finest against coarsest G, best against the "
+        "best other method). diff: A − B in the metric's unit (percentage points for a share, the "
+        f"score itself otherwise); unit of resampling: {UNIT}; paired, {N_BOOT:,} replicates, seed "
+        f"{SEED}. Holm-corrected within each metric (one family per metric"
+        + (f"; comparisons: {sizes}" if sizes else "") + "). ↑: higher is better, ↓: lower is "
+        "better; better/worse follow that direction (higher/lower for a metric without one) and "
+        "need Holm p < 0.05 and the family interval (Bonferroni) to exclude zero."
+        + (f" No interval for {', '.join(m.label for m in aggregate)}: not a mean of per-item "
+           "values (the main table shows it)." if aggregate else "")
+        + (f" Metrics computed from stored samples (samples.json: {', '.join(sample_metrics())}) "
+           "are absent: no run of this study stored its samples (runs evaluated before the "
+           "harness kept them)." if not stored and sample_metrics() else
+           (f" Metrics from stored samples: computed for the {stored} of {len(plan.runs)} runs "
+            "that stored them." if stored < len(plan.runs) else ""))
+    )
 
 
 def general_text_scores(results: StudyResults, key: str) -> tuple[list[int], np.ndarray, np.ndarray] | None:

@@ -62,7 +62,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from harness.analysis.outputs import outputs, write_caption
+from harness.analysis.outputs import figure_builder, outputs, write_caption
 from harness.analysis.results import (
     StudyResults,
     base_key,
@@ -208,6 +208,7 @@ def _band(ax, stats: pd.DataFrame, key: str, label: str, hatch: str, linestyle) 
 # -- 1. granularity vs performance ---------------------------------------------------------
 
 
+@figure_builder("granularity")
 def fig_granularity(results: StudyResults) -> Figure:
     plan = results.plan
     stats = _suite_by_key(results)
@@ -344,6 +345,7 @@ def pareto_front(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.asarray(front, dtype=int)
 
 
+@figure_builder("params_vs_acc")
 def fig_params_vs_acc(results: StudyResults) -> Figure:
     plan = results.plan
     styles = method_styles(plan)
@@ -421,6 +423,7 @@ def fig_params_vs_acc(results: StudyResults) -> Figure:
     return fig
 
 
+@figure_builder("cost")
 def fig_cost(results: StudyResults) -> Figure:
     """Accuracy against what training cost, one point per method x variant (mean over
     seeds, error bars: std of the suite score): left, the measured peak memory of the
@@ -470,6 +473,7 @@ def fig_cost(results: StudyResults) -> Figure:
 # -- 3. per-task heatmap ---------------------------------------------------------------------
 
 
+@figure_builder("task_heatmap")
 def fig_task_heatmap(results: StudyResults) -> Figure:
     plan = results.plan
     table = main_table(results).set_index("label")
@@ -572,6 +576,7 @@ def load_profile(loads: pd.DataFrame, key: str) -> dict[str, Any] | None:
     }
 
 
+@figure_builder("expert_load")
 def fig_expert_load(results: StudyResults) -> Figure:
     plan = results.plan
     styles = method_styles(plan)
@@ -662,6 +667,7 @@ def _curve_keys(plan: StudyPlan) -> list[tuple[str, str]]:
     return keys
 
 
+@figure_builder("training_curves")
 def fig_training_curves(results: StudyResults) -> Figure:
     plan = results.plan
     styles = method_styles(plan)
@@ -709,6 +715,7 @@ def fig_training_curves(results: StudyResults) -> Figure:
 # -- 6. where the experts go -------------------------------------------------------------------
 
 
+@figure_builder("expert_sharing")
 def fig_expert_sharing(results: StudyResults) -> Figure:
     """Per routed method: the mean overlap of two tasks' expert distributions (histogram
     intersection, averaged over modules and task pairs; :mod:`harness.analysis.sharing`) against G,
@@ -745,6 +752,7 @@ def fig_expert_sharing(results: StudyResults) -> Figure:
     return fig
 
 
+@figure_builder("expert_heatmap")
 def fig_expert_heatmap(results: StudyResults) -> Figure:
     """Per routed method at its finest granularity (first seed), the share of each expert
     (columns) in each task's scored sequences (rows), in one representative module (the

@@ -1,20 +1,25 @@
-"""The study's tables and figures, declared once: name, builder, file kinds, caption.
+"""The study's tables and figures, declared once: name, file kinds, caption, and the builder
+bound to it where the builder is defined.
 
 Everything that lists outputs reads this table: the Snakefile's ``tables`` and ``figures``
-rules (:func:`snakemake_outputs`), the writers (:func:`write_outputs`: each builder's result
-in every file kind, plus a report caption ``{out_dir}/report/<kind>s/<name>.rst``), the
-README's "What comes out where" list (a test holds them equal) and ``python -m harness
-outputs``. A new table or figure is one builder function and one entry here.
+rules (:func:`snakemake_outputs`), the writers (:func:`harness.analysis.tables.write_tables`,
+:func:`harness.analysis.figures.write_figures`: each builder's result in every file kind,
+plus a report caption ``{out_dir}/report/<kind>s/<name>.rst``), the README's "What comes out
+where" list (a test holds them equal) and the help of ``python -m harness tables`` /
+``figures``. A new table or figure is one entry here and one builder
+function decorated with :func:`table_builder` / :func:`figure_builder` in
+:mod:`harness.analysis.tables` / :mod:`harness.analysis.figures`.
 
 A table's builder takes the study's :class:`~harness.analysis.results.StudyResults` and
 returns ``{file kind: text}``; a figure's builder takes them (read with the training logs)
-and returns a matplotlib ``Figure``, saved as PNG and PDF. Builders are named by import
-path and imported only when a writer runs (reading this table costs nothing).
+and returns a matplotlib ``Figure``, saved as PNG and PDF. The builder is bound by reference
+(the decorator, at its definition: the import checker sees the arrow from the builder's
+module to this one, never the other way), so reading this table imports nothing and a
+binding to an undeclared name fails when its module is imported.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,15 +30,17 @@ from harness.common.files import atomic_write_text
 KINDS = ("table", "figure")
 FOLDERS = {"table": "tables", "figure": "figures"}
 
+#: ``(kind, name) -> builder``, bound by :func:`table_builder` / :func:`figure_builder`
+_BUILDERS: dict[tuple[str, str], Callable[..., Any]] = {}
+
 
 @dataclass(frozen=True)
 class Output:
-    """One table or figure: its file name, kind, builder (``"module:function"``), file
-    kinds, caption (the report's and the README's), report label and report category."""
+    """One table or figure: its file name, kind, file kinds, caption (the report's and the
+    README's), report label and report category; its builder is bound where it is defined."""
 
     name: str
     kind: str
-    builder: str
     formats: tuple[str, ...]
     caption: str
     label: str
@@ -46,15 +53,43 @@ class Output:
         return f"{out_dir}/report/{FOLDERS[self.kind]}/{self.name}.rst"
 
     def build(self) -> Callable[..., Any]:
-        module, _, function = self.builder.partition(":")
-        return getattr(importlib.import_module(module), function)
+        """The builder bound to this output (its module, ``harness.analysis.tables`` or
+        ``harness.analysis.figures``, must have been imported: their writers are there)."""
+        builder = _BUILDERS.get((self.kind, self.name))
+        if builder is None:
+            raise LookupError(f"{self.kind} {self.name!r} has no builder: decorate one in "
+                              f"harness/analysis/{FOLDERS[self.kind]}.py with @{self.kind}_builder({self.name!r})")
+        return builder
+
+
+def _binder(kind: str, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def bind(builder: Callable[..., Any]) -> Callable[..., Any]:
+        if not any(o.kind == kind and o.name == name for o in OUTPUTS):
+            raise LookupError(f"{builder.__module__}.{builder.__name__}: no {kind} named {name!r} is "
+                              "declared in harness/analysis/outputs.py (OUTPUTS)")
+        bound = _BUILDERS.get((kind, name))
+        if bound is not None and bound.__qualname__ != builder.__qualname__:
+            raise LookupError(f"{kind} {name!r} already has a builder, {bound.__module__}.{bound.__name__}")
+        _BUILDERS[(kind, name)] = builder
+        return builder
+
+    return bind
+
+
+def table_builder(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Bind the decorated function as the builder of the declared table ``name``."""
+    return _binder("table", name)
+
+
+def figure_builder(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Bind the decorated function as the builder of the declared figure ``name``."""
+    return _binder("figure", name)
 
 
 OUTPUTS: tuple[Output, ...] = (
     Output(
         "main_table",
         "table",
-        "harness.analysis.tables:build_main_table",
         ("csv", "md", "tex"),
         (
             "Main table: one row per method and variant (granularity G, or the LoRA rank), plus the "
@@ -74,7 +109,6 @@ OUTPUTS: tuple[Output, ...] = (
     Output(
         "budget_table",
         "table",
-        "harness.analysis.tables:build_budget_table",
         ("csv", "md", "tex"),
         (
             "Budget table: the budget solver's configuration for every method and variant (number "
@@ -89,7 +123,6 @@ OUTPUTS: tuple[Output, ...] = (
     Output(
         "significance",
         "table",
-        "harness.analysis.tables:build_significance",
         ("csv", "md", "tex"),
         (
             "Significance: every comparison of the study's family (each method x variant against "
@@ -105,9 +138,26 @@ OUTPUTS: tuple[Output, ...] = (
         "Tables",
     ),
     Output(
+        "significance_metrics",
+        "table",
+        ("csv", "md", "tex"),
+        (
+            "Significance of the other metrics: every per-item metric beside the suite score (each "
+            "secondary metric the main table shows, such as lm-eval's Brier score, as its suite "
+            "mean; each metric of every lm-eval registry task of eval.tasks beyond the suite, per "
+            "lm-eval filter) over the comparisons of the significance table, with the same paired "
+            "bootstrap over seeds and test items, Holm-corrected within each metric. The verdict "
+            "follows the metric's direction (for the Brier score, lower is better). Metrics "
+            "computed from stored samples (samples.json) appear only for runs that stored them; "
+            "a metric that is not a mean of per-item values (the expected calibration error) has "
+            "no interval."
+        ),
+        "significance of the other metrics",
+        "Tables",
+    ),
+    Output(
         "training_gain",
         "table",
-        "harness.analysis.tables:build_training_gain",
         ("csv", "md", "tex"),
         (
             "Training gain: every trained method x variant against the untrained base model, as the "
@@ -120,7 +170,6 @@ OUTPUTS: tuple[Output, ...] = (
     Output(
         "granularity_trend",
         "table",
-        "harness.analysis.tables:build_granularity_trend",
         ("csv", "md", "tex"),
         (
             "Granularity trend: per method run at several numbers of experts G (fixed total and "
@@ -136,7 +185,6 @@ OUTPUTS: tuple[Output, ...] = (
     Output(
         "expert_sharing",
         "table",
-        "harness.analysis.tables:build_expert_sharing",
         ("csv", "md"),
         (
             "Expert sharing (table): per routed method x variant, the overlap of two tasks' expert "
@@ -149,7 +197,6 @@ OUTPUTS: tuple[Output, ...] = (
     Output(
         "power",
         "table",
-        "harness.analysis.tables:build_power",
         ("csv", "md"),
         (
             "Power: for every comparison of the significance table, the seed and item variance "
@@ -163,7 +210,6 @@ OUTPUTS: tuple[Output, ...] = (
     Output(
         "forgetting",
         "table",
-        "harness.analysis.tables:build_forgetting",
         ("csv", "md", "tex"),
         (
             "Forgetting: every trained method x variant against the untrained model, and each "
@@ -177,7 +223,6 @@ OUTPUTS: tuple[Output, ...] = (
     Output(
         "cost",
         "table",
-        "harness.analysis.tables:build_cost",
         ("csv", "md", "tex"),
         (
             "Cost: per method x variant, measured while training: wall time, tokens per second, "
@@ -190,7 +235,6 @@ OUTPUTS: tuple[Output, ...] = (
     Output(
         "tuning",
         "table",
-        "harness.analysis.tables:build_tuning",
         ("csv", "md", "tex"),
         (
             "The tune stage: each tuned method x variant's validation score at every learning "
@@ -203,7 +247,6 @@ OUTPUTS: tuple[Output, ...] = (
     Output(
         "provenance",
         "table",
-        "harness.analysis.tables:build_provenance",
         ("csv", "md"),
         (
             "Provenance: for every run, when it was trained and evaluated, the git commit (and "
@@ -217,7 +260,6 @@ OUTPUTS: tuple[Output, ...] = (
     Output(
         "granularity",
         "figure",
-        "harness.analysis.figures:fig_granularity",
         ("png", "pdf"),
         (
             "Granularity vs accuracy (the headline figure). x: number of experts G at fixed total "
@@ -233,7 +275,6 @@ OUTPUTS: tuple[Output, ...] = (
     Output(
         "params_vs_acc",
         "figure",
-        "harness.analysis.figures:fig_params_vs_acc",
         ("png", "pdf"),
         (
             "Activated parameters vs accuracy: every run is one point (x: adapter parameters that "
@@ -248,7 +289,6 @@ OUTPUTS: tuple[Output, ...] = (
     Output(
         "task_heatmap",
         "figure",
-        "harness.analysis.figures:fig_task_heatmap",
         ("png", "pdf"),
         (
             "Per-task accuracy relative to LoRA rank R: each cell is a method's mean accuracy over "
@@ -263,7 +303,6 @@ OUTPUTS: tuple[Output, ...] = (
     Output(
         "expert_load",
         "figure",
-        "harness.analysis.figures:fig_expert_load",
         ("png", "pdf"),
         (
             "Expert load at the end of training, for each routed method at its finest granularity: "
@@ -280,7 +319,6 @@ OUTPUTS: tuple[Output, ...] = (
     Output(
         "training_curves",
         "figure",
-        "harness.analysis.figures:fig_training_curves",
         ("png", "pdf"),
         (
             "Training curves: training loss (cross-entropy at the answer token) vs optimizer step, "
@@ -293,7 +331,6 @@ OUTPUTS: tuple[Output, ...] = (
     Output(
         "expert_sharing",
         "figure",
-        "harness.analysis.figures:fig_expert_sharing",
         ("png", "pdf"),
         (
             "Expert sharing: for every routed method, how much two tasks use the same experts at "
@@ -308,7 +345,6 @@ OUTPUTS: tuple[Output, ...] = (
     Output(
         "expert_heatmap",
         "figure",
-        "harness.analysis.figures:fig_expert_heatmap",
         ("png", "pdf"),
         (
             "Which experts each task uses: for every routed method at its finest granularity, the "
@@ -321,7 +357,6 @@ OUTPUTS: tuple[Output, ...] = (
     Output(
         "cost",
         "figure",
-        "harness.analysis.figures:fig_cost",
         ("png", "pdf"),
         (
             "Accuracy vs measured cost: one point per method x variant (mean over seeds, error "

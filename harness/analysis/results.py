@@ -1,9 +1,11 @@
 """The one reader of stored run results: everything tables, figures and the summary show.
 
 Reads only what the runs left on disk — ``metrics.json``, ``train.json``,
-``train_log.jsonl`` and ``routing.json`` in ``{out_dir}/runs/{run_id}/`` (and a
+``train_log.jsonl``, ``routing.json`` and ``samples.json`` in ``{out_dir}/runs/{run_id}/`` (and a
 component's ``train.json`` for the time of earlier stages) — plus the study plan (budget
-rows, run ids); it never trains or evaluates anything. Every run the plan lists must have
+rows, run ids); it never trains or evaluates anything. The metrics computed from stored
+samples (:mod:`harness.analysis.sample_metrics`) are computed here, for every run whose
+folder holds ``samples.json``, and read downstream like lm-eval's own. Every run the plan lists must have
 its files: a missing file is reported by run id and file name
 (:class:`MissingResultsError`), never silently dropped.
 """
@@ -19,9 +21,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+import harness.analysis.sample_metrics  # noqa: F401  (registers the metrics from stored samples)
 from harness.adapters import get_method
+from harness.adapters.metrics import Metric
 from harness.common.files import read_json
-from harness.common.metrics import task_metrics
+from harness.common.manifest import manifest_digests, verify_files
+from harness.common.metrics import (
+    SAMPLES_FILE,
+    from_samples,
+    metric,
+    registered,
+    sample_metrics,
+    task_metrics,
+)
 
 if TYPE_CHECKING:
     from harness.plan.study import StudyPlan
@@ -78,6 +90,9 @@ class StudyResults:
     routing: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: task -> its family, when the data names families (the generated suite does)
     families: dict[str, str] | None = None
+    #: the runs whose folders hold stored samples (``samples.json``): the metrics computed
+    #: from them (:mod:`harness.analysis.sample_metrics`) exist for these runs only
+    with_samples: list[str] = field(default_factory=list)
 
     @property
     def keys(self) -> list[str]:
@@ -193,9 +208,73 @@ COST_FIELDS = (
 
 
 def lm_eval_columns() -> list[str]:
-    """The per-task numbers lm-eval reports that the summary shows beside the primary score:
-    every registered task metric and its stderr (:mod:`harness.common.metrics`)."""
-    return [name for m in task_metrics() for name in (m.name, f"{m.name}_stderr")]
+    """The per-task numbers the summary shows beside the primary score: every registered task
+    metric and its stderr (:mod:`harness.common.metrics`), then every metric computed from
+    stored samples."""
+    return [name for m in task_metrics() for name in (m.name, f"{m.name}_stderr")] + list(sample_metrics())
+
+
+def with_sample_metrics(metrics: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """``metrics`` with every metric computed from the run's stored samples
+    (``samples.json``; :func:`harness.common.metrics.from_samples`) added where lm-eval's own
+    are: a suite task's value in ``tasks`` (its primary filter: ``none``, else the first) and
+    per-item values in ``items``; an extra registry task's under ``metric,filter`` in
+    ``extra_tasks`` and ``extra_items``. Unchanged without stored samples (runs evaluated
+    before samples were kept). A samples file that differs from the digest its writer recorded
+    is never used (:class:`~harness.common.manifest.VerificationError`)."""
+    path = run_dir / SAMPLES_FILE
+    if not sample_metrics() or not path.is_file():
+        return metrics
+    verify_files(run_dir, manifest_digests(run_dir) or {}, [SAMPLES_FILE], affects=f"run {run_dir.name}")
+    stored = _read_json_named(path)
+    if stored.get("run_id", metrics.get("run_id")) != metrics.get("run_id"):
+        raise ValueError(f"{path} belongs to run {stored.get('run_id')!r}, not {metrics.get('run_id')!r}")
+    tasks = {t: dict(v) for t, v in (metrics.get("tasks") or {}).items()}
+    items = {t: dict(v) for t, v in (metrics.get("items") or {}).items()}
+    for task, entry in (stored.get("tasks") or {}).items():
+        by_filter = from_samples(entry)
+        chosen = "none" if "none" in by_filter else next(iter(by_filter), None)
+        if task not in tasks or chosen is None:
+            continue
+        for name, (value, values) in by_filter[chosen].items():
+            tasks[task][name] = value
+            if values is not None:
+                items.setdefault(task, {})[name] = values
+    extra = {t: dict(v) for t, v in (metrics.get("extra_tasks") or {}).items()}
+    extra_items = {t: dict(v) for t, v in (metrics.get("extra_items") or {}).items()}
+    for task, entry in (stored.get("extra_tasks") or {}).items():
+        for filter_, by_name in from_samples(entry).items():
+            for name, (value, values) in by_name.items():
+                extra.setdefault(task, {})[f"{name},{filter_}"] = value
+                if values is not None:
+                    extra_items.setdefault(task, {})[f"{name},{filter_}"] = values
+    return {**metrics, "tasks": tasks, "items": items, "extra_tasks": extra, "extra_items": extra_items}
+
+
+def extra_metric_keys(metrics: dict[str, Any]) -> dict[str, list[str]]:
+    """Per registry task of ``eval.tasks`` beyond the suite (``metrics.json``'s
+    ``extra_tasks``), the keys of its metrics as lm-eval keys them (``metric,filter``; stderrs
+    left out), in the order reported."""
+    suite = set(metrics.get("tasks") or {})
+    return {
+        task: [k for k, v in values.items()
+               if "," in k and "_stderr," not in k and isinstance(v, (int, float)) and not isinstance(v, bool)]
+        for task, values in (metrics.get("extra_tasks") or {}).items()
+        if task not in suite
+    }
+
+
+def extra_metric(metrics: dict[str, Any] | None, task: str, key: str) -> Metric:
+    """How a metric of a registry task beyond the suite is shown: a registered metric by its
+    declaration (unit, decimals, direction), another in lm-eval's direction (recorded as
+    ``extra_higher_is_better``) as a plain score; labelled ``<task> <label> (<filter>)``."""
+    name, _, filter_ = key.partition(",")
+    declared = registered().get(name)
+    direction = ((metrics or {}).get("extra_higher_is_better") or {}).get(task, {}).get(name)
+    base = declared or metric(name)
+    label = f"{task} {base.label}" + ("" if filter_ in ("", "none") else f" ({filter_})")
+    return Metric(key, label, unit=base.unit, decimals=base.decimals,
+                  higher_is_better=base.higher_is_better if declared is not None else direction)
 
 
 def suite_metric(metrics: dict[str, Any], name: str) -> float | None:
@@ -268,6 +347,7 @@ def collect_results(plan: StudyPlan, logs: bool = False) -> StudyResults:
         _raise_missing(plan, missing)
     rows, curves, loads = [], [], []
     all_metrics, all_train, all_routing = {}, {}, {}
+    with_samples: list[str] = []
     tasks: list[str] = []
     for run in plan.runs:
         run_dir = plan.run_dir(run)
@@ -277,6 +357,9 @@ def collect_results(plan: StudyPlan, logs: bool = False) -> StudyResults:
                 f"{run_dir / 'metrics.json'} belongs to run {metrics.get('run_id')!r}, not "
                 f"{run.run_id!r}: the folder was copied or renamed; rerun its evaluation"
             )
+        metrics = with_sample_metrics(metrics, run_dir)
+        if (run_dir / SAMPLES_FILE).is_file():
+            with_samples.append(run.run_id)
         all_metrics[run.run_id] = metrics
         if (run_dir / "routing.json").exists():
             all_routing[run.run_id] = _read_json_named(run_dir / "routing.json")
@@ -312,7 +395,13 @@ def collect_results(plan: StudyPlan, logs: bool = False) -> StudyResults:
                 for m in lm_eval_columns()
             },
             # the suite mean of each metric the main table shows beside the primary score
-            **{f"suite:{m.name}": suite_metric(metrics, m.name) for m in task_metrics() if m.main_table},
+            **{f"suite:{m.name}": suite_metric(metrics, m.name)
+               for m in [*task_metrics(), *(d for d, _ in sample_metrics().values())] if m.main_table},
+            # the registry tasks of eval.tasks beyond the suite: each metric (metric,filter)
+            **{f"extra:{t}:{k}": metrics["extra_tasks"][t][k]
+               for t, keys in extra_metric_keys(metrics).items() for k in keys},
+            **{f"extra:{t}:{k.replace(',', '_stderr,', 1)}": metrics["extra_tasks"][t].get(k.replace(",", "_stderr,", 1))
+               for t, keys in extra_metric_keys(metrics).items() for k in keys},
             "total": None,  # the base model has no adapter
             "activated": None,
             "router": None,
@@ -390,6 +479,7 @@ def collect_results(plan: StudyPlan, logs: bool = False) -> StudyResults:
         baselines=_baselines(plan),
         routing=all_routing,
         families=_families(plan),
+        with_samples=with_samples,
     )
 
 

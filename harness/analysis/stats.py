@@ -110,6 +110,7 @@ __all__ = [
     "granularity_trend",
     "holm",
     "paired_bootstrap",
+    "paired_bootstraps",
     "percentile_ci",
     "seeds_needed",
     "task_weights",
@@ -299,7 +300,8 @@ def paired_bootstrap(
     """Paired crossed bootstrap of ``diff = M(a) - M(b)`` (module docstring: formulas).
 
     ``a``, ``b``: ``scores[seed, item]`` of the same shape (row ``s`` of ``a`` paired with
-    row ``s`` of ``b``, column ``i`` the same test item). ``weights``: per-item weights (any
+    row ``s`` of ``b``, column ``i`` the same test item); any float per-item values (0/1
+    correctness, a Brier score, a loss). ``weights``: per-item weights (any
     positive scale; normalised to sum 1; default equal; :func:`task_weights` gives the suite
     score). ``groups``: per-item group labels (tasks); when given, items are resampled within
     their group. Unit of resampling: seeds and items, crossed; both paired between a and b.
@@ -310,36 +312,63 @@ def paired_bootstrap(
     unit, zero_tol``; with ``return_replicates`` also ``replicates`` (``ndarray[n_boot]`` of
     ``t_r``; :func:`percentile_ci` gives other levels, :func:`verdicts` the family-wise one).
     """
+    return paired_bootstraps([(a, b)], weights=weights, groups=groups, n_boot=n_boot, seed=seed,
+                             alpha=alpha, return_replicates=return_replicates)[0]
+
+
+def paired_bootstraps(
+    pairs: Sequence[tuple[Any, Any]],
+    *,
+    weights: Any = None,
+    groups: Sequence[Hashable] | None = None,
+    n_boot: int = 10_000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    return_replicates: bool = False,
+) -> list[dict[str, Any]]:
+    """:func:`paired_bootstrap` of every ``(a, b)`` of ``pairs``, all of one ``[seed, item]``
+    shape on the same items (``weights`` and ``groups`` shared), under one set of draws: each
+    result equals its own :func:`paired_bootstrap` call exactly (the draws depend only on
+    ``seed``, the shape, the groups and ``n_boot``), at about the cost of one call."""
     _check_common(n_boot, alpha)
-    a = _as_scores(a, "a")
-    b = _as_scores(b, "b")
-    if a.shape != b.shape:
-        raise ValueError(f"a and b must have the same [seed, item] shape: {a.shape} != {b.shape}")
-    n_seeds, n_items = a.shape
+    arrays = []
+    for a, b in pairs:
+        a, b = _as_scores(a, "a"), _as_scores(b, "b")
+        if a.shape != b.shape:
+            raise ValueError(f"a and b must have the same [seed, item] shape: {a.shape} != {b.shape}")
+        if arrays and a.shape != arrays[0][0].shape:
+            raise ValueError(f"every pair must have one [seed, item] shape: {a.shape} != {arrays[0][0].shape}")
+        arrays.append((a, b))
+    if not arrays:
+        return []
+    n_seeds, n_items = arrays[0][0].shape
     w = _normalised_weights(weights, n_items)
     strata = _strata(groups, n_items)
-    d = a - b
-    diff = _point(d, w)
-    reps = _replicates([d], w, strata, int(n_boot), seed)[0]
-    tol = _zero_tol(a, b)
-    out: dict[str, Any] = {
-        "diff": diff,
-        "mean_a": _point(a, w),
-        "mean_b": _point(b, w),
-        **_summary(diff, reps, alpha, tol),
-        "alpha": alpha,
-        "ci_level": 1 - alpha,
-        "n_seeds": n_seeds,
-        "n_items": n_items,
-        "n_groups": len(strata) if strata is not None else None,
-        "n_boot": int(n_boot),
-        "seed": seed,
-        "unit": UNIT if strata is None else UNIT_STRATIFIED,
-        "zero_tol": tol,
-    }
-    if return_replicates:
-        out["replicates"] = reps
-    return out
+    diffs = [a - b for a, b in arrays]
+    replicates = _replicates(diffs, w, strata, int(n_boot), seed)
+    results = []
+    for (a, b), d, reps in zip(arrays, diffs, replicates):
+        diff = _point(d, w)
+        tol = _zero_tol(a, b)
+        out: dict[str, Any] = {
+            "diff": diff,
+            "mean_a": _point(a, w),
+            "mean_b": _point(b, w),
+            **_summary(diff, reps, alpha, tol),
+            "alpha": alpha,
+            "ci_level": 1 - alpha,
+            "n_seeds": n_seeds,
+            "n_items": n_items,
+            "n_groups": len(strata) if strata is not None else None,
+            "n_boot": int(n_boot),
+            "seed": seed,
+            "unit": UNIT if strata is None else UNIT_STRATIFIED,
+            "zero_tol": tol,
+        }
+        if return_replicates:
+            out["replicates"] = reps
+        results.append(out)
+    return results
 
 
 # -- families of comparisons -----------------------------------------------------------------

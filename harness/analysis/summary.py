@@ -23,6 +23,10 @@ def _column(name: str) -> str:
     if name.startswith("lm:"):  # lm-eval's own: acc_<task>, acc_norm_stderr_<task>, ...
         _, metric, task = name.split(":", 2)
         return f"{metric}_{task}"
+    if name.startswith("extra:"):  # a registry task of eval.tasks: exact_match_strict-match_gsm8k
+        _, task, key = name.split(":", 2)
+        metric, _, filter_ = key.partition(",")
+        return f"{metric}_{task}" if filter_ in ("", "none") else f"{metric}_{filter_}_{task}"
     return name
 
 
@@ -31,8 +35,11 @@ def summary_frame(plan) -> pd.DataFrame:
     evaluation metrics (e.g. ``router_accuracy``; only columns some run reports),
     ``score_<task>`` per task (its primary metric, the one the suite averages), then
     lm-eval's ``<metric>_<task>`` and ``<metric>_stderr_<task>`` for every registered task
-    metric (acc, acc_norm, brier_score), ``suite_<metric>`` (a secondary metric's suite
-    mean), ``general_word_ppl`` and ``forgetting`` (the general text's word perplexity, and
+    metric (acc, acc_norm, brier_score) and every metric computed from stored samples (ece),
+    ``suite_<metric>`` (a secondary metric's suite mean), for each registry task of
+    ``eval.tasks`` beyond the suite every metric lm-eval reported and its stderr
+    (``<metric>_<task>``, or ``<metric>_<filter>_<task>`` for a filter other than ``none``:
+    ``exact_match_strict-match_gsm8k``), ``general_word_ppl`` and ``forgetting`` (the general text's word perplexity, and
     its ratio to the untrained model's minus 1), the measured cost (``tokens_per_s``,
     ``peak_rss_mib``, ``cuda_max_allocated_mib``, ``estimated_allocated_mib``,
     ``adapter_bytes``), and ``total, activated, router, final_loss, train_s, eval_s``. A
@@ -40,7 +47,7 @@ def summary_frame(plan) -> pd.DataFrame:
     runs = collect_results(plan).runs.drop(columns=["key"])
     optional = [
         c for c in runs
-        if c.startswith(("metric:", "lm:", "suite:", "cost:"))
+        if c.startswith(("metric:", "lm:", "suite:", "cost:", "extra:"))
         or c in ("experts_per_token", "general_word_ppl", "forgetting")
     ]
     runs = runs.drop(columns=[c for c in optional if runs[c].isna().all()])

@@ -19,8 +19,10 @@ Tables, written to ``{out_dir}/tables/`` by :func:`write_tables`:
     method declares (``Method.metrics``: a share in percent, a count as is); blank for other
     methods and absent when no run reports them;
   - the suite mean of every secondary task metric the registry marks for the main table
-    (:mod:`harness.common.metrics`, e.g. lm-eval's Brier score; lower is better), mean over
-    seeds;
+    (:mod:`harness.common.metrics`, e.g. lm-eval's Brier score; lower is better; the expected
+    calibration error where runs stored their samples), mean over seeds;
+  - each metric of every registry task of ``eval.tasks`` beyond the suite (per lm-eval
+    filter), mean over seeds, outside the suite mean;
   - parameters (total, activated, router) from ``train.json`` (what really
     trained), the accounting mode ``router: separate|counted``, and the mean
     training wall time over seeds (for a run built on components trained by earlier
@@ -39,6 +41,11 @@ Tables, written to ``{out_dir}/tables/`` by :func:`write_tables`:
   against the best other method) with the difference of the suite score, its 95% CI from
   a paired bootstrap over seeds and test items, the bootstrap p-value, the Holm-adjusted
   p-value and the verdict (:mod:`harness.analysis.comparisons`, which states every formula).
+
+* ``significance_metrics``: the same comparisons for every other per-item metric (a
+  secondary metric's suite mean such as the Brier score; each metric of every registry task
+  of ``eval.tasks`` beyond the suite, per lm-eval filter), one Holm family per metric, verdicts
+  in the metric's direction (:func:`harness.analysis.comparisons.metrics_significance_table`).
 
 * ``granularity_trend``: per method run at several granularities, its score at each G, the
   slope per doubling of G and the middle bump with their CIs, and the curve's shape.
@@ -60,6 +67,9 @@ from harness.analysis.comparisons import (
     forgetting_caption,
     forgetting_display,
     forgetting_table,
+    metrics_significance_caption,
+    metrics_significance_display,
+    metrics_significance_table,
     power_table,
     power_texts,
     significance_caption,
@@ -69,10 +79,11 @@ from harness.analysis.comparisons import (
     trend_display,
     trend_table,
 )
-from harness.analysis.outputs import outputs, write_caption
+from harness.analysis.outputs import outputs, table_builder, write_caption
 from harness.analysis.results import (
     StudyResults,
     collect_results,
+    extra_metric,
     primary_metrics,
     reference_key,
     row_label,
@@ -80,7 +91,7 @@ from harness.analysis.results import (
 )
 from harness.analysis.sharing import sharing_table
 from harness.common.files import atomic_write_text, read_json
-from harness.common.metrics import GENERATION_METRICS, metric, task_metrics
+from harness.common.metrics import GENERATION_METRICS, metric, sample_metrics, task_metrics
 from harness.common.render import (
     ACC_DECIMALS,
     best_cells,
@@ -119,6 +130,19 @@ MAIN_COST_SHOWN = {
 def _suite_metric_columns(runs: pd.DataFrame) -> list[str]:
     """The secondary task metrics (``Metric.main_table``) some run reports, as suite means."""
     return [c for c in runs if c.startswith("suite:") and runs[c].notna().any()]
+
+
+def _extra_columns(runs: pd.DataFrame) -> list[str]:
+    """The metrics of the registry tasks of ``eval.tasks`` beyond the suite some run reports
+    (``extra:<task>:<metric,filter>``; stderrs left out)."""
+    return [c for c in runs if c.startswith("extra:") and "_stderr," not in c and runs[c].notna().any()]
+
+
+def extra_declaration(results: StudyResults, column: str):
+    """The declaration (:func:`harness.analysis.results.extra_metric`) of an ``extra:`` column."""
+    _, task, key = column.split(":", 2)
+    recorded = next((m for m in results.metrics.values() if key in (m.get("extra_tasks") or {}).get(task, {})), None)
+    return extra_metric(recorded, task, key)
 
 
 def _notes(plan: StudyPlan) -> dict[str, str]:
@@ -163,6 +187,8 @@ def main_table(results: StudyResults) -> pd.DataFrame:
             # in the unit the tables show (a share in percent): metric(name).scale
             scale = metric(col.partition(":")[2]).scale
             record[col] = group[col].astype(float).mean() * scale
+        for col in _extra_columns(runs):  # a registry task beyond the suite: not in suite_mean
+            record[col] = group[col].astype(float).mean() * extra_declaration(results, col).scale
         for col in ("total", "activated", "router"):
             record[col] = None if pd.isna(first[col]) else int(first[col])
         record["router_mode"] = router_mode
@@ -207,7 +233,7 @@ def below_chance(table: pd.DataFrame, tasks: list[str]) -> set[tuple[int, str]]:
     }
 
 
-def _main_display(table: pd.DataFrame, tasks: list[str], bold) -> pd.DataFrame:
+def _main_display(table: pd.DataFrame, tasks: list[str], bold, results: StudyResults | None = None) -> pd.DataFrame:
     """The main table as strings, best cells wrapped by ``bold``."""
     scored = table[~table["method"].isin(["chance", "majority"])]
     best = best_cells(scored, [*tasks, "suite_mean"])
@@ -231,6 +257,12 @@ def _main_display(table: pd.DataFrame, tasks: list[str], bold) -> pd.DataFrame:
         declared = metric(col.removeprefix("suite:"))
         arrow = {True: " ↑", False: " ↓"}.get(declared.higher_is_better, "")
         shown[f"suite {declared.label}{arrow}"] = table[col].map(
+            lambda v, m=declared: "" if pd.isna(v) else f"{v:.{m.decimals}f}"
+        )
+    for col in [c for c in table if c.startswith("extra:") and results is not None]:
+        declared = extra_declaration(results, col)
+        arrow = {True: " ↑", False: " ↓"}.get(declared.higher_is_better, "")
+        shown[f"{declared.label}{arrow}"] = table[col].map(
             lambda v, m=declared: "" if pd.isna(v) else f"{v:.{m.decimals}f}"
         )
     for col in [c for c in table if c.startswith("metric:")]:
@@ -269,6 +301,14 @@ def _main_caption(plan: StudyPlan, table: pd.DataFrame, cache_build_s: float = 0
            "sequences, averaged over the adapted modules (G when every expert is used alike)."
            if "effective_experts" in table and table["effective_experts"].notna().any() else "")
         + note
+        + (" Computed from the runs' stored samples (samples.json), for the runs that stored them: "
+           + "; ".join(f"{metric(c.removeprefix('suite:')).label}" for c in table if c.startswith("suite:")
+                       and c.removeprefix("suite:") in sample_metrics()) + "."
+           if any(c.startswith("suite:") and c.removeprefix("suite:") in sample_metrics() for c in table) else "")
+        + (" Columns named after a registry task of eval.tasks (" + ", ".join(sorted({c.split(":")[1] for c in table
+           if c.startswith("extra:")})) + "): its metrics as lm-eval reports them (per filter; mean over seeds, "
+           "a share in %), not part of the suite mean; their intervals are in significance_metrics.md."
+           if any(c.startswith("extra:") for c in table) else "")
         + (" Forgetting: the general text's word perplexity (lm-eval's loglikelihood_rolling on "
            "eval.general_text) relative to the untrained model's, in %; its intervals are in "
            "forgetting.md." if "forgetting" in table and table["forgetting"].notna().any() else "")
@@ -319,8 +359,8 @@ def main_table_texts(results: StudyResults, table: pd.DataFrame | None = None) -
     caption = _main_caption(results.plan, table, results.cache_build_s)
     primary = primary_metrics(results)
     headers = {t: f"{t} ({primary.get(t, 'acc')})" for t in results.tasks}
-    md = _main_display(table, results.tasks, md_bold).rename(columns=headers)
-    tex = _main_display(table, results.tasks, lambda s: "\x00" + s + "\x01").rename(columns=headers)
+    md = _main_display(table, results.tasks, md_bold, results).rename(columns=headers)
+    tex = _main_display(table, results.tasks, lambda s: "\x00" + s + "\x01", results).rename(columns=headers)
     tex = tex.map(lambda s: tex_escape(s).replace("\x00", r"\textbf{").replace("\x01", "}"))
     both = lm_eval_metrics_table(results)
     both_md = ""
@@ -424,30 +464,53 @@ def provenance_table(results: StudyResults) -> pd.DataFrame:
 # -- builders (one per table of the outputs registry, harness.analysis.outputs) -------------
 
 
+@table_builder("main_table")
 def build_main_table(results: StudyResults) -> dict[str, str]:
     return main_table_texts(results)
 
 
+@table_builder("budget_table")
 def build_budget_table(results: StudyResults) -> dict[str, str]:
     return budget_table_texts(results.plan, budget_frame(results.plan))
 
 
+@table_builder("significance")
 def build_significance(results: StudyResults) -> dict[str, str]:
     return significance_texts(results.plan, significance_table(results))
 
 
+@table_builder("significance_metrics")
+def build_significance_metrics(results: StudyResults) -> dict[str, str]:
+    table = metrics_significance_table(results)
+    caption = metrics_significance_caption(results, table)
+    if table.empty:
+        return {"csv": table.to_csv(index=False),
+                "md": caption + "\n\n(no metric beside the suite score has per-item values in this study)\n",
+                "tex": "% no other metric\n"}
+    shown = metrics_significance_display(table)
+    return {
+        "csv": table.to_csv(index=False),
+        "md": caption + "\n\n" + shown.to_markdown(index=False, disable_numparse=True) + "\n",
+        "tex": to_latex(shown, caption, "tab:significance_metrics"),
+    }
+
+
+@table_builder("training_gain")
 def build_training_gain(results: StudyResults) -> dict[str, str]:
     return significance_texts(results.plan, significance_table(results, "training"), "training")
 
 
+@table_builder("granularity_trend")
 def build_granularity_trend(results: StudyResults) -> dict[str, str]:
     return trend_texts(results.plan, trend_table(results))
 
 
+@table_builder("power")
 def build_power(results: StudyResults) -> dict[str, str]:
     return power_texts(results.plan, power_table(results))
 
 
+@table_builder("expert_sharing")
 def build_expert_sharing(results: StudyResults) -> dict[str, str]:
     sharing = sharing_table(results)
     if sharing.empty:
@@ -455,6 +518,7 @@ def build_expert_sharing(results: StudyResults) -> dict[str, str]:
     return sharing_texts(results.plan, sharing)
 
 
+@table_builder("forgetting")
 def build_forgetting(results: StudyResults) -> dict[str, str]:
     table = forgetting_table(results)
     if table["diff"].isna().all():
@@ -503,6 +567,7 @@ def cost_table(results: StudyResults) -> pd.DataFrame:
     return pd.DataFrame.from_records(records)
 
 
+@table_builder("cost")
 def build_cost(results: StudyResults) -> dict[str, str]:
     table = cost_table(results)
     plan = results.plan
@@ -571,6 +636,7 @@ def tuning_table(results: StudyResults) -> pd.DataFrame:
     return pd.DataFrame.from_records(records)
 
 
+@table_builder("tuning")
 def build_tuning(results: StudyResults) -> dict[str, str]:
     table = tuning_table(results)
     plan = results.plan
@@ -608,6 +674,7 @@ def build_tuning(results: StudyResults) -> dict[str, str]:
     }
 
 
+@table_builder("provenance")
 def build_provenance(results: StudyResults) -> dict[str, str]:
     prov = provenance_table(results)
     return {

@@ -34,6 +34,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_ranks(args: argparse.Namespace) -> int:
+    from harness.bench.ranks import bench_ranks
+    from harness.plan.config import load_config
+
+    config = load_config(args.config)
+    out = Path(args.out) if args.out else Path(config["out_dir"]) / "bench" / "ranks"
+    bench_ranks(config, out, args.processes, method=args.method, steps=args.steps)
+    return 0
+
+
 def add_commands(sub) -> None:
     p = sub.add_parser(
         "bench",
@@ -56,3 +66,15 @@ def add_commands(sub) -> None:
     p.add_argument("--no-eval-cache", action="store_true",
                    help="skip the real lm-eval evaluation with and without the shared lower-layer cache")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "bench-ranks",
+        help="step time of one run on N data-parallel ranks (torchrun) against one rank at the "
+        "same global batch, under <out_dir>/bench/ranks",
+    )
+    p.add_argument("--config", required=True, metavar="FILE", help="study config (YAML)")
+    p.add_argument("--processes", type=int, default=2, help="ranks to compare against one (default 2)")
+    p.add_argument("--method", default=None, help="the method to train (default: the config's first)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: train.steps)")
+    p.add_argument("--out", default=None, metavar="DIR", help="write here instead of <out_dir>/bench/ranks")
+    p.set_defaults(func=cmd_bench_ranks)

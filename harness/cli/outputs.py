@@ -9,9 +9,13 @@ with a message naming every missing run and file (exit status 2).
 from __future__ import annotations
 
 import argparse
+import textwrap
 from pathlib import Path
 
+import harness.analysis.sample_metrics  # noqa: F401  (registers the metrics from stored samples)
+from harness.analysis.outputs import outputs
 from harness.common.manifest import record_files
+from harness.common.metrics import registered, sample_metrics
 from harness.plan.status import assert_results_valid
 from harness.plan.study import plan_from_file
 
@@ -59,11 +63,38 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     return 0
 
 
+def _listing(kind: str) -> str:
+    """Every declared table or figure (the outputs registry), one line each: name, label."""
+    lines = [f"{'Tables' if kind == 'table' else 'Figures'} (harness/analysis/outputs.py), each with its "
+             f"report caption under <out_dir>/report/{kind}s/:"]
+    for out in outputs(kind):
+        lines.append(f"  {out.name:<22} {out.label} ({', '.join(out.formats)})")
+    return "\n".join(lines)
+
+
+def _metric_listing() -> str:
+    """Every registered metric (harness/common/metrics.py; the ones computed from stored
+    samples come from harness/analysis/sample_metrics/), one line each."""
+    stored = sample_metrics()
+    lines = ["Metrics (harness/common/metrics.py; from stored samples: harness/analysis/sample_metrics/):"]
+    for name, m in registered().items():
+        direction = {True: "higher is better", False: "lower is better"}.get(m.higher_is_better, "no direction")
+        source = ("from stored samples" + (", per item" if stored[name][1].per_item else "")) if name in stored \
+            else "lm-eval, per item" if m.item is not None else "lm-eval" if m.lm_eval else "a method's"
+        lines.append(f"  {name:<22} {m.label} ({direction}; {source})")
+    return "\n".join(lines)
+
+
 def add_commands(sub) -> None:
+    tables = [o.name for o in outputs("table")]
     p = sub.add_parser(
         "tables",
-        help="main, budget, significance and provenance tables from stored results "
-        "(CSV, Markdown, LaTeX) under <out_dir>/tables",
+        help=f"the {len(tables)} tables from stored results (CSV, Markdown, LaTeX) under "
+        f"<out_dir>/tables: {', '.join(tables)}",
+        description=textwrap.dedent("""\
+            Rebuild every table of the study from its stored run results (nothing is trained or
+            scored again).""") + "\n\n" + _listing("table") + "\n\n" + _metric_listing(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", required=True, metavar="FILE", help="study config (YAML)")
     p.add_argument("--out", default=None, help="write under this folder instead of out_dir")
@@ -74,10 +105,14 @@ def add_commands(sub) -> None:
     )
     p.set_defaults(func=cmd_tables)
 
+    figures = [o.name for o in outputs("figure")]
     p = sub.add_parser(
         "figures",
-        help="granularity, parameters, per-task, expert-load and training-curve figures "
-        "from stored results (PNG, PDF) under <out_dir>/figures",
+        help=f"the {len(figures)} figures from stored results (PNG, PDF) under <out_dir>/figures: "
+        f"{', '.join(figures)}",
+        description="Redraw every figure of the study from its stored run results and training "
+        "logs.\n\n" + _listing("figure"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", required=True, metavar="FILE", help="study config (YAML)")
     p.add_argument("--out", default=None, help="write under this folder instead of out_dir")

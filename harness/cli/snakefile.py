@@ -42,10 +42,11 @@ def config_path(workflow) -> str:
 
 
 def load_study(workflow, snakemake_config: dict[str, Any]):
-    """``(config_path, validated config, plan)``; refuses ``--config`` overrides, which could
-    not reach the jobs (every rule reads the config file itself). Checks that need the base
-    model (its presence, the items' lengths) only warn here: :func:`assert_model_ready`
-    stops a real run on them before its first job."""
+    """``(config_path, validated config, plan, checks)``; refuses ``--config`` overrides,
+    which could not reach the jobs (every rule reads the config file itself). The checks run
+    here, once a Snakemake process. Those that need the base model (its presence, the items'
+    lengths) only warn here: :func:`assert_model_ready` stops a real run on their results
+    before its first job."""
     path = config_path(workflow)
     config = load_config(path)  # a missing file is named, with the configs that exist
     raw = yaml.safe_load(Path(path).read_text()) or {}
@@ -68,13 +69,12 @@ def load_study(workflow, snakemake_config: dict[str, Any]):
     if fatal:
         lines = "\n".join(f"- {c.name}: {c.detail}" for c in fatal)
         raise PreflightError(f"the study cannot run; {len(fatal)} check(s) failed:\n{lines}")
-    return path, config, plan
+    return path, config, plan, checks
 
 
-def assert_model_ready(config: dict[str, Any]) -> None:
+def assert_model_ready(checks) -> None:
     """The ``onstart`` hook of a real run: stop before the first job when the model or the
-    lengths check failed (a dry run only warned)."""
-    checks, _ = run_checks(config)
+    lengths check of :func:`load_study` failed (a dry run only warned; not run again)."""
     failed = [c for c in checks if not c.ok and c.name in DRY_RUN_WARNINGS]
     if failed:
         lines = "\n".join(f"- {c.name}: {c.detail}" for c in failed)

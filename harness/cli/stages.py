@@ -18,6 +18,7 @@ from harness.plan.study import plan_from_file
 
 def cmd_data(args: argparse.Namespace) -> int:
     from harness.data.prepare import prepare_data
+    from harness.model.shapes import store_shapes
     from harness.plan.config import load_config
 
     config = load_config(args.config)
@@ -26,6 +27,7 @@ def cmd_data(args: argparse.Namespace) -> int:
             config["data"], Path(config["out_dir"]) / "data", general_text=config["eval"].get("general_text"),
             tune=config.get("tune"),
         )
+        store_shapes(config)  # every later plan reads them instead of building the model
     counts = ", ".join(f"{t}: {n}" for t, n in summary.get("train_counts", {}).items())
     print(f"data ready in {Path(config['out_dir']) / 'data'}" + (f" ({counts})" if counts else ""))
     return 0

@@ -9,11 +9,22 @@ metric, the significance machinery resamples per-item values, and the primary me
 task follows its answer form (:func:`primary_for`). A new metric is one entry here (and a
 test); a method's own metrics are declared on the method (``Method.metrics``) and added by
 :func:`register_method_metrics` when a study is planned.
+
+**Metrics from stored samples.** Evaluation keeps every run's per-item predictions in the run
+folder (:data:`SAMPLES_FILE`, written by :func:`stored_samples`: the choices'
+log-likelihoods of a multiple-choice item, the generated text of a generation item, per
+lm-eval filter). A metric computed from them is one function, declared where it is defined
+with :func:`register_metric` (lm-eval's ``@register_metric`` style) in a module of
+:mod:`harness.analysis.sample_metrics` (every module there is imported with the package);
+the results reader computes it for every run that stored samples, without scoring anything
+again. Runs evaluated before samples were kept (the committed studies) have no such file:
+their tables simply lack these metrics.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from harness.adapters.metrics import Metric
@@ -114,11 +125,152 @@ def per_item(stored: str | list[float]) -> list[float]:
 
 
 def register_method_metrics(metrics: Iterable[Metric]) -> None:
-    """Add a method's declared metrics (a plugin may not redefine a built-in one)."""
+    """Add a method's declared metrics (a plugin may not redefine a built-in one, nor one
+    computed from stored samples)."""
     for m in metrics:
-        if m.name in {b.name for b in BUILTIN} and _registry[m.name] is not m:
+        taken = m.name in {b.name for b in BUILTIN} or m.name in _from_samples
+        if taken and _registry[m.name] is not m:
             raise ValueError(f"metric {m.name!r} is built in; a method cannot redeclare it")
         _registry[m.name] = m
+
+
+# -- metrics from stored samples ----------------------------------------------------------
+
+#: a run folder's per-item predictions (:func:`stored_samples`), beside ``metrics.json``
+SAMPLES_FILE = "samples.json"
+SAMPLES_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class FromSamples:
+    """How a metric is computed from a run's stored samples: ``compute`` takes one task's
+    stored items of one lm-eval filter (:func:`stored_samples`: dicts with ``doc_id`` and,
+    for ``multiple_choice``, ``gold``, ``loglikelihoods``, ``is_greedy``; for
+    ``generate_until``, ``target``, ``response``, ``raw``) and returns the task's value
+    (``per_item=False``: e.g. a calibration error over all items) or, with ``per_item=True``,
+    one value per item in the given order (the task's value is their mean, and the
+    significance tables resample them). ``output_types``: the lm-eval request types it applies
+    to; ``None`` from ``compute`` means "does not apply to these items"."""
+
+    compute: Callable[[list[dict[str, Any]]], Any]
+    per_item: bool = False
+    output_types: tuple[str, ...] = ("multiple_choice",)
+
+
+_from_samples: dict[str, FromSamples] = {}
+
+
+def register_metric(
+    declared: Metric, *, per_item: bool = False, output_types: Iterable[str] = ("multiple_choice",)
+) -> Callable[[Callable[[list[dict[str, Any]]], Any]], Callable[[list[dict[str, Any]]], Any]]:
+    """Declare a metric computed from stored samples where its function is defined::
+
+        @register_metric(Metric("ece", "expected calibration error", unit="score",
+                                higher_is_better=False, decimals=3, main_table=True))
+        def ece(items): ...
+
+    ``declared`` is the metric's one description (label, unit, direction, whether the main
+    table shows its suite mean); it may not reuse a name lm-eval or a method reports."""
+
+    def wrap(compute):
+        known = _from_samples.get(declared.name)
+        if declared.name in _registry and (known is None or known.compute.__qualname__ != compute.__qualname__):
+            raise ValueError(f"metric {declared.name!r} is already declared; pick another name")
+        if declared.lm_eval or declared.item is not None:
+            raise ValueError(f"metric {declared.name!r}: computed from stored samples, so neither "
+                             "lm_eval nor item may be set")
+        _registry[declared.name] = declared
+        _from_samples[declared.name] = FromSamples(compute, per_item, tuple(output_types))
+        return compute
+
+    return wrap
+
+
+def sample_metrics() -> dict[str, tuple[Metric, FromSamples]]:
+    """The metrics computed from stored samples, in registration order (import
+    :mod:`harness.analysis.sample_metrics` first: it registers the built-in ones)."""
+    return {name: (_registry[name], rule) for name, rule in _from_samples.items()}
+
+
+def _plain(value: Any) -> Any:
+    """A JSON value: numpy scalars as Python numbers, tuples as lists, else ``str``."""
+    if isinstance(value, (str, bool, int, float)) or value is None:
+        return value
+    if hasattr(value, "item") and not hasattr(value, "__len__"):  # a numpy scalar
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(value)
+
+
+def _gold(sample: dict[str, Any]) -> int | None:
+    """The index of a multiple-choice item's right choice: lm-eval's ``target`` when it is an
+    index, else the choice (continuation) equal to it; ``None`` when neither."""
+    target = _plain(sample.get("target"))
+    if isinstance(target, int) and not isinstance(target, bool):
+        return target
+    if isinstance(target, str):
+        if target.strip().isdigit():
+            return int(target)
+        continuations = [str(a[1]).strip() for a in sample.get("arguments") or [] if len(a) > 1]
+        if target.strip() in continuations:
+            return continuations.index(target.strip())
+    return None
+
+
+def sample_record(output_type: str, sample: dict[str, Any]) -> dict[str, Any]:
+    """One lm-eval logged sample as :data:`SAMPLES_FILE` keeps it (its prediction, not the
+    document: the test items are in the data folder)."""
+    record: dict[str, Any] = {"doc_id": int(sample["doc_id"])}
+    resps = sample.get("filtered_resps") or []
+    if output_type == "multiple_choice":
+        record["gold"] = _gold(sample)
+        record["loglikelihoods"] = [float(r[0]) for r in resps]
+        record["is_greedy"] = [bool(r[1]) for r in resps]
+    elif output_type == "generate_until":
+        record["target"] = _plain(sample.get("target"))
+        record["response"] = _plain(resps[0]) if resps else None
+        raw = sample.get("resps") or []
+        record["raw"] = _plain(raw[0][0]) if raw and raw[0] else None
+    elif output_type == "loglikelihood":
+        record["target"] = _plain(sample.get("target"))
+        record["loglikelihood"], record["is_greedy"] = float(resps[0][0]), bool(resps[0][1])
+    elif output_type == "loglikelihood_rolling":
+        record["loglikelihood"] = float(resps[0]) if resps else None
+    else:
+        record["filtered_resps"] = _plain(resps)
+    return record
+
+
+def stored_samples(output_type: str | None, samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """One task's entry of :data:`SAMPLES_FILE`: ``{"output_type", "filters": {filter:
+    [record, ...]}}``, the records (:func:`sample_record`) of each lm-eval filter in doc order
+    (``none`` for a task without a filter list; gsm8k has ``strict-match`` and
+    ``flexible-extract``)."""
+    by_filter: dict[str, list[dict[str, Any]]] = {}
+    for s in sorted(samples, key=lambda s: s["doc_id"]):
+        by_filter.setdefault(str(s.get("filter", "none")), []).append(sample_record(output_type or "", s))
+    return {"output_type": output_type, "filters": by_filter}
+
+
+def from_samples(entry: dict[str, Any]) -> dict[str, dict[str, tuple[float, list[float] | None]]]:
+    """Every registered stored-sample metric that applies to one task's stored entry
+    (:func:`stored_samples`): ``{filter: {name: (value, per-item values or None)}}``; a metric
+    whose function returns ``None`` (it does not apply to these items) is left out."""
+    out: dict[str, dict[str, tuple[float, list[float] | None]]] = {}
+    for name, (_, rule) in sample_metrics().items():
+        if entry.get("output_type") not in rule.output_types:
+            continue
+        for filter_, records in (entry.get("filters") or {}).items():
+            value = rule.compute(records) if records else None
+            if value is None:
+                continue
+            if rule.per_item:
+                values = [round(float(v), 6) for v in value]
+                out.setdefault(filter_, {})[name] = (float(sum(float(v) for v in value) / len(values)), values)
+            else:
+                out.setdefault(filter_, {})[name] = (float(value), None)
+    return out
 
 
 def registered() -> dict[str, Metric]:

@@ -37,18 +37,18 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import yaml
-from lm_eval.tasks.wikitext.preprocess_wikitext import process_results as wikitext_process_results
-from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer
 
 from harness.common.files import write_if_changed
 from harness.common.metrics import metrics_for
 from harness.data.generation import generation_task_files, is_generation, validate_generation_item
 from harness.data.jsonl import dumps_jsonl, validate_item
 from harness.data.prompts import LM_EVAL_DOC_TO_TEXT, TARGET_DELIMITER
+
+if TYPE_CHECKING:
+    import datasets
 
 #: the module the task YAMLs' ``!function`` tags name (installed code, never the folder's)
 LOADER_MODULE = "harness.data.lm_eval_tasks"
@@ -92,6 +92,7 @@ def _rows(path: Path) -> list[dict[str, Any]]:
 
 
 def load_docs(file: str | None = None, config_source: str | None = None, **kwargs: Any) -> datasets.DatasetDict:
+    import datasets  # only lm-eval calls this; at module level it cost every harness process 1.2 s
     """``DatasetDict({"test": ...})`` of a task's JSONL file (``file``, relative to the folder of
     the YAML lm-eval loads, ``config_source``), built in memory (no cache to go stale); other
     keyword arguments (lm-eval passes the task metadata and any model args) are ignored. The
@@ -100,6 +101,7 @@ def load_docs(file: str | None = None, config_source: str | None = None, **kwarg
 
 
 def load_general_text(file: str | None = None, config_source: str | None = None, **kwargs: Any) -> datasets.DatasetDict:
+    import datasets  # see load_docs
     """The general-text documents as lm-eval's wikitext task reads them: ``page`` holds a
     document's text (the file's ``text`` field)."""
     rows = _rows(_data_file(file, config_source, "load_general_text"))
@@ -109,12 +111,18 @@ def load_general_text(file: str | None = None, config_source: str | None = None,
 
 def detokenize(doc: dict[str, Any]) -> str:
     """lm-eval's own WikiText detokenizer (its wikitext task's ``doc_to_target``)."""
+    # lm-eval's task package imports datasets: 1.4 s of every harness process's start if
+    # imported at module level, and only lm-eval calls this
+    from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer
+
     return wikitext_detokenizer(doc)
 
 
 def process_general_text(doc: dict[str, Any], results: Sequence[float]) -> dict[str, Any]:
     """lm-eval's own word and byte counts (its wikitext task's ``process_results``)."""
-    return wikitext_process_results(doc, results)
+    from lm_eval.tasks.wikitext.preprocess_wikitext import process_results  # see detokenize
+
+    return process_results(doc, results)
 
 
 # -- checking a folder before lm-eval reads it -------------------------------------------------

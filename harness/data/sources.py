@@ -39,7 +39,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import datasets
 import pandas as pd
 import pyarrow.parquet as pq
 
@@ -81,6 +80,7 @@ def _numbered(where: str, records: Sequence[dict[str, Any]]) -> list[tuple[str, 
 
 
 def _disk_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    import datasets  # imported where used: at module level it cost every harness process 1.2 s
     try:
         loaded = datasets.load_from_disk(str(path), keep_in_memory=True)
     except (FileNotFoundError, ValueError) as e:
@@ -139,6 +139,7 @@ def file_rows(path: str | Path) -> tuple[str, list[tuple[str, Any]]]:
 def hub_rows(dataset: str, subset: str | None, split: str) -> list[tuple[str, dict[str, Any]]]:
     """The rows of one split of a ``datasets.load_dataset`` dataset (a hub id, read from the
     local cache when ``HF_DATASETS_OFFLINE=1``, or a local dataset folder)."""
+    import datasets  # see _disk_rows
     where = f"{dataset}" + (f" ({subset})" if subset else "") + f" split {split}"
     try:
         with _quiet_datasets():

@@ -27,12 +27,8 @@ from harness.adapters.registry import BUILTIN_PACKAGE
 from harness.common.metrics import register_method_metrics
 from harness.data.tasks import content_digest, task_digests, training_items, training_task_names
 from harness.data.validation import validation_split
-from harness.model.load import (
-    DEFAULT_TINY_ARCHITECTURE,
-    adapted_layer_indices,
-    planning_model,
-    target_shapes,
-)
+from harness.model.load import DEFAULT_TINY_ARCHITECTURE
+from harness.model.shapes import study_shapes
 from harness.plan.budget import BudgetRequest, BudgetRow, solve_study
 from harness.plan.config import load_config, method_entries
 
@@ -391,17 +387,6 @@ def effective_common(config: dict[str, Any]) -> dict[str, Any]:
             "eval": _strip(config["eval"], "eval"),
         }
     )
-
-
-# -- shapes from a config alone ------------------------------------------------------------
-
-
-def study_shapes(config: dict[str, Any]) -> list[TargetShape]:
-    """The adapted layers' shapes, from the model built on the ``meta`` device (no weights)."""
-
-    model = planning_model(config["model"])
-    layers = adapted_layer_indices(model, config["model"]["adapt_layers"])
-    return target_shapes(model, config["model"]["target_modules"], layers)
 
 
 # -- the plan ------------------------------------------------------------------------------

@@ -11,6 +11,15 @@ tasks in ``eval.tasks``. The run folder keeps lm-eval's results JSON unchanged
 of each module's expert distribution, averaged over modules) and the method's own
 numbers (``method_metrics``, e.g. a router's accuracy at picking the task's adapter).
 
+Every item's prediction is kept in ``samples.json`` (:data:`harness.common.metrics.SAMPLES_FILE`:
+the choices' log-likelihoods of a multiple-choice item, the generated text of a generation
+item, per lm-eval filter), so a metric added later is computed from it without scoring
+again (:func:`harness.common.metrics.register_metric`). The extra registry tasks of
+``eval.tasks`` keep their per-item values too (``extra_items``, keyed as lm-eval keys its
+results: ``metric,filter``, e.g. gsm8k's ``exact_match,strict-match`` and
+``exact_match,flexible-extract``) for every metric lm-eval aggregates as their mean, and
+lm-eval's direction of each metric (``extra_higher_is_better``).
+
 With ``data.source: lm_eval`` there is no suite task folder (the data summary has
 group ``None`` and no tasks): the run is scored on ``eval.tasks`` alone, looked up
 in lm-eval's registry (and ``data.include_path``); each of them is a per-task
@@ -20,6 +29,7 @@ column and ``suite_acc`` is the unweighted mean of their ``acc``.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +41,14 @@ from lm_eval.utils import handle_non_serializable
 from harness.adapters.routing import RoutingRecord
 from harness.common.files import atomic_write_json, atomic_write_text, read_json
 from harness.common.manifest import record_files, verify_data
-from harness.common.metrics import item_values, task_metrics
+from harness.common.metrics import (
+    SAMPLES_FILE,
+    SAMPLES_FORMAT,
+    item_values,
+    registered,
+    stored_samples,
+    task_metrics,
+)
 from harness.common.provenance import provenance
 from harness.data.lm_eval_tasks import verify_task_folder
 from harness.data.lm_eval_train import task_manager
@@ -49,15 +66,68 @@ def suite_task_names(data_dir: Path) -> tuple[str, list[str]]:
     return summary["group"], list(summary["tasks"])
 
 
+def item_filter(samples: list[dict[str, Any]]) -> str:
+    """The lm-eval filter a task's primary per-item values come from: ``none`` (a task without
+    a filter list), else its first filter (a registry task's, e.g. gsm8k's ``strict-match``)."""
+    filters = [str(s.get("filter", "none")) for s in sorted(samples, key=lambda s: s["doc_id"])]
+    return "none" if "none" in filters or not filters else filters[0]
+
+
 def item_scores(samples: list[dict[str, Any]]) -> dict[str, str | list[float]]:
     """Per-item values of one task in doc order, for every registered task metric its samples
     hold (:func:`harness.common.metrics.item_values`: a string of 0/1 for ``acc`` and
-    ``acc_norm``, compact; a list of floats otherwise). The bootstrap over test items reads them."""
+    ``acc_norm``, compact; a list of floats otherwise), from one filter (:func:`item_filter`).
+    The bootstrap over test items reads them."""
+    chosen = item_filter(samples)
+    samples = [s for s in samples if str(s.get("filter", "none")) == chosen]
     out = {}
     for m in task_metrics():
         values = item_values(m, samples)
         if values is not None:
             out[m.name] = values
+    return out
+
+
+def _scalar(value: Any) -> float | None:
+    """A per-item value as a float, or ``None`` when it is not one number (lm-eval keeps pairs
+    for corpus metrics such as f1, BLEU or perplexity)."""
+    if isinstance(value, (str, bytes, list, tuple, dict)) or hasattr(value, "__len__"):
+        return None
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+def extra_item_scores(result: dict[str, Any], samples: list[dict[str, Any]]) -> dict[str, str | list[float]]:
+    """Per-item values of one registry task of ``eval.tasks``, in doc order, keyed as lm-eval
+    keys its results (``metric,filter``): every metric of every filter whose per-item values
+    average to the value lm-eval reported (its aggregation is the mean; a corpus metric such as
+    f1, BLEU or a perplexity has no per-item value and is left out). A registered metric is
+    read with its declared reader (the Brier score); 0/1 values are kept as a bit string."""
+    declared = registered()
+    by_filter: dict[str, list[dict[str, Any]]] = {}
+    for s in sorted(samples, key=lambda s: s["doc_id"]):
+        by_filter.setdefault(str(s.get("filter", "none")), []).append(s)
+    out: dict[str, str | list[float]] = {}
+    for filter_, group in by_filter.items():
+        for name in group[0].get("metrics") or []:
+            key = f"{name},{filter_}"
+            reported = _scalar(result.get(key))
+            m = declared.get(name)
+            try:
+                values = [m.item(s) if m is not None and m.item is not None else _scalar(s.get(name)) for s in group]
+            except (KeyError, TypeError, ValueError, IndexError):
+                continue
+            if reported is None or any(v is None for v in values):
+                continue
+            if not math.isclose(sum(values) / len(values), reported, rel_tol=1e-6, abs_tol=1e-9):
+                continue  # not the mean of per-item values
+            if all(v in (0.0, 1.0) for v in values):
+                out[key] = "".join("1" if v else "0" for v in values)
+            else:
+                out[key] = [round(float(v), 6) for v in values]
     return out
 
 
@@ -144,7 +214,7 @@ def evaluate_run(
         tasks=requested,
         task_manager=manager,
         limit=eval_cfg.get("limit"),
-        log_samples=True,  # per-item scores for the bootstrap; not stored whole (size)
+        log_samples=True,  # per-item scores and predictions (samples.json), not the documents
         random_seed=0,
         numpy_random_seed=1234,
         torch_random_seed=1234,
@@ -162,9 +232,10 @@ def evaluate_run(
     columns = {short[n]: n for n in task_names} if group is not None else {n: n for n in extra}
     per_task = {}
     for task, name in columns.items():
-        r = results["results"][name]
-        metric = primary.get(task) or ("acc_norm" if "acc_norm,none" in r else "acc")
-        per_task[task] = {**task_values(r), "primary": metric, "score": r[f"{metric},none"]}
+        r, filter_ = results["results"][name], item_filter(samples.get(name, []))
+        metric = primary.get(task) or next(
+            (m for m in ("acc_norm", "acc", "exact_match") if f"{m},{filter_}" in r), "acc")
+        per_task[task] = {**task_values(r), "primary": metric, "score": r[f"{metric},{filter_}"]}
     # the suite: every task weighs the same, each by its primary metric
     suite = sum(v["score"] for v in per_task.values()) / len(per_task)
     items = {task: item_scores(samples.get(name, [])) for task, name in columns.items()}
@@ -173,6 +244,17 @@ def evaluate_run(
         for name in extra
         if name in results["results"]
     }
+    # the registry tasks beyond the suite: their per-item values and lm-eval's directions
+    beyond = [name for name in extra_scores if name not in columns.values()]
+    extra_items = {name: extra_item_scores(results["results"][name], samples.get(name, [])) for name in beyond}
+    extra_direction = {name: dict((results.get("higher_is_better") or {}).get(name) or {}) for name in beyond}
+    output_types = {name: (cfg or {}).get("output_type") for name, cfg in (results.get("configs") or {}).items()}
+    atomic_write_text(run_dir / SAMPLES_FILE, json.dumps({
+        "format": SAMPLES_FORMAT,
+        "run_id": run.run_id,
+        "tasks": {task: stored_samples(output_types.get(name), samples.get(name, [])) for task, name in columns.items()},
+        "extra_tasks": {name: stored_samples(output_types.get(name), samples.get(name, [])) for name in beyond},
+    }, ensure_ascii=False, default=handle_non_serializable) + "\n")
     general_text = general_text_scores(results["results"].get(general), samples.get(general, [])) if general else None
     routing = lm.routing_record()
     method_metrics: dict[str, Any] = {}
@@ -206,6 +288,8 @@ def evaluate_run(
         "tasks": per_task,
         "items": items,
         "extra_tasks": extra_scores,
+        "extra_items": extra_items,
+        "extra_higher_is_better": extra_direction,
         "lm_eval_version": lm_eval.__version__,
         "timing": {
             "model_load_s": round(load_s, 3),
@@ -215,5 +299,6 @@ def evaluate_run(
         "provenance": provenance(),
     }
     atomic_write_json(run_dir / "metrics.json", metrics)
-    record_files(run_dir, [n for n in ("metrics.json", "lm_eval_results.json", "routing.json") if (run_dir / n).is_file()])
+    record_files(run_dir, [n for n in ("metrics.json", "lm_eval_results.json", "routing.json", SAMPLES_FILE)
+                           if (run_dir / n).is_file()])
     return metrics

@@ -19,7 +19,7 @@ from harness.cli.snakefile import (
 from harness.common.lock import HOLDER_ENV, hold_out_dir
 
 
-CONFIG_PATH, STUDY, PLAN = load_study(workflow, config)
+CONFIG_PATH, STUDY, PLAN, CHECKS = load_study(workflow, config)
 OUT = STUDY["out_dir"]
 TRAINED = [run.run_id for run in PLAN.trained_runs]
 UNTRAINED = [run.run_id for run in PLAN.runs if run.is_base]
@@ -64,7 +64,7 @@ envvars:
 onstart:
     # a real run stops here when the model, the items' lengths or the eval data check failed
     # (a dry run only warned, so the DAG can be seen on a machine without the weights)
-    assert_model_ready(STUDY)
+    assert_model_ready(CHECKS)
     # a real run (never a dry run) locks the out_dir before its first job, whichever checkout
     # it runs from: a second snakemake on it stops here, having started and deleted nothing.
     # The lock is held until this process ends; its jobs know it is theirs.
