@@ -161,3 +161,26 @@ def test_batched_generation_equals_one_request_at_a_time(study):
         return lm.generate_until(requests, disable_tqdm=True)
 
     assert generate(3) == generate(1)
+
+
+def test_extra_tasks_keep_per_item_values_and_every_prediction_is_stored(study):
+    """Issue 32/33 on a real evaluation: the generative registry task's exact match is kept per
+    item (its mean is lm-eval's number), the corpus perplexity has no per-item value,
+    ``samples.json`` holds every item's prediction and is in the run's manifest (the summary
+    and table columns built from these are tests/test_significance_metrics.py's)."""
+    folder, _, _, base, sira, _ = study
+    for run in (base, sira):
+        metrics = _metrics(folder, run)
+        bits = metrics["extra_items"]["tiny_echo"]["exact_match,none"]
+        assert len(bits) == 6 and set(bits) <= {"0", "1"}
+        assert sum(int(b) for b in bits) / 6 == pytest.approx(metrics["extra_tasks"]["tiny_echo"]["exact_match,none"])
+        assert not metrics["extra_items"].get("tiny_text")  # perplexity: a corpus metric
+        run_dir = folder / "out" / "runs" / run.run_id
+        samples = json.loads((run_dir / "samples.json").read_text())
+        echo = samples["extra_tasks"]["tiny_echo"]
+        assert echo["output_type"] == "generate_until"
+        assert [s["doc_id"] for s in echo["filters"]["none"]] == list(range(6))
+        assert all({"target", "response"} <= set(s) for s in echo["filters"]["none"])
+        suite = samples["tasks"]["animal"]["filters"]["none"]
+        assert all(len(s["loglikelihoods"]) >= 2 and 0 <= s["gold"] < len(s["loglikelihoods"]) for s in suite)
+        assert "samples.json" in json.loads((run_dir / "manifest.json").read_text())["files"]
