@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from harness.plan.check_cache import deferred_cache, write_deferred_cache
 from harness.plan.checks import DRY_RUN_WARNINGS, PreflightError, run_checks
 from harness.plan.config import load_config
 from harness.plan.status import aside_name, invalid_data_summary, invalid_files, invalid_outputs
@@ -56,7 +57,8 @@ def load_study(workflow, snakemake_config: dict[str, Any]):
             f"--config overrides ({', '.join(changed)}) are not supported: every job reads "
             f"{path} itself. Copy it, change the copy and pass it with --configfile."
         )
-    checks, plan = run_checks(config)
+    with deferred_cache():  # the parse writes nothing: onstart writes the verdicts
+        checks, plan = run_checks(config)
     for c in checks:
         for warning in c.warnings:
             print(f"harness: warning ({c.name}): {warning}", file=sys.stderr)
@@ -74,7 +76,9 @@ def load_study(workflow, snakemake_config: dict[str, Any]):
 
 def assert_model_ready(checks) -> None:
     """The ``onstart`` hook of a real run: stop before the first job when the model or the
-    lengths check of :func:`load_study` failed (a dry run only warned; not run again)."""
+    lengths check of :func:`load_study` failed (a dry run only warned; not run again), and
+    keep the checks' verdicts for the next parse (the parse itself wrote nothing)."""
+    write_deferred_cache()
     failed = [c for c in checks if not c.ok and c.name in DRY_RUN_WARNINGS]
     if failed:
         lines = "\n".join(f"- {c.name}: {c.detail}" for c in failed)

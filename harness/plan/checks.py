@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import json
 import os
 import re
 import sys
@@ -54,6 +53,7 @@ from harness.model.load import (
 )
 from harness.model.lower_cache import model_fingerprint
 from harness.model.tokens import SCORING_WINDOW, encode_pairs
+from harness.plan.check_cache import cached
 from harness.plan.config import ConfigError
 from harness.plan.eval_data import check_eval_data
 from harness.plan.study import plan_study
@@ -178,23 +178,6 @@ def check_run_names(plan) -> str:
 # -- lm-eval's registry -------------------------------------------------------------------------
 
 
-def _cached(config: dict[str, Any], kind: str, key: Any, compute):
-    """``compute()`` once per ``key`` (a JSON-able value); the verdict is kept on disk."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    path = cache_root(config) / "checks" / f"{kind}-{digest}.json"
-    if path.exists():
-        try:
-            return json.loads(path.read_text())
-        except ValueError:
-            path.unlink(missing_ok=True)
-    value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value))
-    tmp.replace(path)
-    return value
-
-
 def check_lm_eval_tasks(config: dict[str, Any], names: list[str], where: str, include_path=None) -> None:
     """Every name is a task or group lm-eval knows (its registry, plus ``include_path``)."""
     if not names:
@@ -219,7 +202,7 @@ def check_lm_eval_tasks(config: dict[str, Any], names: list[str], where: str, in
         key["files"] = sorted(
             (str(p), hashlib.sha256(p.read_bytes()).hexdigest()[:12]) for p in Path(include_path).rglob("*.yaml")
         )
-    known = set(_cached(config, "lm-eval-tasks", key, known_names))
+    known = set(cached(config, "lm-eval-tasks", key, known_names))
     unknown = [n for n in names if n not in known]
     if unknown:
         hints = []
@@ -320,7 +303,7 @@ def check_lengths(config: dict[str, Any], source) -> str:
         "tokenizer": _tokenizer_files_digest(source.path),
         "window": SCORING_WINDOW,
     }
-    m = _cached(config, "lengths", key, lambda: measure_items(config, source))
+    m = cached(config, "lengths", key, lambda: measure_items(config, source))
     context, longest, errors = m["context"], m["longest_train"], []
     limit = f"the model's context of {context} tokens ({m['context_from']})"
     if m["train_over_count"]:

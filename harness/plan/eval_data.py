@@ -22,13 +22,12 @@ next parse load the task again. A failed verdict is never kept.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from harness.data.lm_eval_train import task_manager
-from harness.model.load import cache_root
+from harness.plan.check_cache import cache_file, read_verdict, write_verdict
 
 #: ``datasets`` builders that read the files named in ``data_files`` (no hub dataset)
 PACKAGED_BUILDERS = ("json", "csv", "parquet", "text", "arrow", "pandas")
@@ -144,25 +143,6 @@ def load_eval_task(name: str, include_path: str | None, manager=None) -> dict[st
     return {"docs": docs, "sources": sources}
 
 
-def _cache_file(config: dict[str, Any], kind: str, key: Any) -> Path:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    return cache_root(config) / "checks" / f"{kind}-{digest}.json"
-
-
-def _read(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _write(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value))
-    tmp.replace(path)
-
-
 def check_eval_data(config: dict[str, Any]) -> str | None:
     """Every task of ``eval.tasks`` loads at least one evaluation document (``None`` when
     the config lists none); raises :class:`EvalDataError` naming the first task that does
@@ -185,17 +165,17 @@ def check_eval_data(config: dict[str, Any]) -> str | None:
     manager = None
     for name in names:
         key = {**base_key, "task": name}
-        where = _cache_file(config, "eval-data-sources", key)
-        known = _read(where)
+        where = cache_file(config, "eval-data-sources", key)
+        known = read_verdict(where)
         if isinstance(known, list):
-            verdict = _read(_cache_file(config, "eval-data", [key, fingerprint(known)]))
+            verdict = read_verdict(cache_file(config, "eval-data", [key, fingerprint(known)]))
             if isinstance(verdict, dict) and isinstance(verdict.get("docs"), int):
                 counts[name] = verdict["docs"]
                 continue
         if manager is None:
             manager = task_manager(names, include)
         loaded = load_eval_task(name, include, manager)
-        _write(where, loaded["sources"])
-        _write(_cache_file(config, "eval-data", [key, fingerprint(loaded["sources"])]), {"docs": loaded["docs"]})
+        write_verdict(where, loaded["sources"])
+        write_verdict(cache_file(config, "eval-data", [key, fingerprint(loaded["sources"])]), {"docs": loaded["docs"]})
         counts[name] = loaded["docs"]
     return ", ".join(f"{n} ({counts[n]} documents)" for n in names)
