@@ -15,7 +15,7 @@ from harness.adapters import PluginError, load_plugin
 from harness.model.load import ModelSource, load_tokenizer, model_context, resolve_model
 from harness.plan.config import ConfigError, load_config
 from tests.conftest import TINY_STUDY_MODEL
-from tests.test_reliability import cli, jsonl_study, run_ids, study_config, suite_items
+from tests.studies import cli, jsonl_study, run_ids, study_config, suite_items
 
 #: the tiny random Llama with a 64-token context: long items are cheap to write
 CONTEXT = 64

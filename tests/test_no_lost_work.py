@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from harness.common.lock import acquire, read_holder, release
-from tests.test_reliability import ROOT, _jobs, cli, env, run_ids, snakemake, study_config
+from tests.studies import ROOT, cli, env, planned_jobs, run_ids, snakemake, study_config
 
 CHOICES = ["red", "blue", "green"]
 
@@ -91,11 +91,11 @@ def test_a_failed_scoring_keeps_the_training_and_the_rerun_only_scores(tmp_path)
     train_log = (tmp_path / "out" / "logs" / "train" / f"{run_id}.log").read_text()
 
     # the data is back: the next run only scores (a dry run lists the same jobs:
-    # test_reliability.py::test_16_4)
+    # test_recovery.py::test_16_4)
     data.with_suffix(".away").rename(data)
     redo = snakemake([target, "--cores", "1", "--configfile", str(path)], tmp_path)
     assert redo.returncode == 0, (redo.stdout + redo.stderr)[-3000:]
-    assert _jobs(redo.stdout + redo.stderr) == {"evaluate": 1}
+    assert planned_jobs(redo.stdout + redo.stderr) == {"evaluate": 1}
     assert {name: _state(run_dir / name) for name in kept} == kept  # not retrained, not touched
     assert (tmp_path / "out" / "logs" / "train" / f"{run_id}.log").read_text() == train_log
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -176,7 +176,7 @@ def test_an_out_dir_in_use_is_refused_from_another_checkout_and_nothing_is_delet
         # a dry run takes no lock: it shows what would run
         dry = snakemake(["-n", "--cores", "1", "--configfile", str(path)], checkout)
         assert dry.returncode == 0, (dry.stdout + dry.stderr)[-3000:]
-        assert _jobs(dry.stdout + dry.stderr)["train"] == len(ids) - 1
+        assert planned_jobs(dry.stdout + dry.stderr)["train"] == len(ids) - 1
         # the real run refuses before any job, naming the lock and its holder
         refused = snakemake(["--cores", "1", "--configfile", str(path)], checkout)
         text = refused.stdout + refused.stderr

@@ -3,7 +3,7 @@
 comparisons (table ``significance_metrics``) in the direction the registry declares, and the
 metrics of extra registry tasks (per lm-eval filter) and those computed from stored samples
 (ECE) reach the summary, the main table and that table. A fixture study written by hand
-(tests/test_aggregate.py's), no model."""
+(tests/test_tables_and_figures.py's), no model."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from harness.analysis.stats import paired_bootstrap, paired_bootstraps, verdicts
-from tests.test_aggregate import ACC, ITEMS, TASKS, fixture_config, item_bits, write_run
+from tests.test_tables_and_figures import ACC, ITEMS, TASKS, fixture_config, item_bits, write_run
 
 #: per-item Brier score of a solved and of a missed item (so a better run has a lower mean)
 BRIER = {"1": 0.1, "0": 0.9}

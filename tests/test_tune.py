@@ -16,7 +16,7 @@ from harness.plan.config import load_config
 from harness.plan.status import invalid_files
 from harness.plan.study import plan_study, row_key
 from harness.run.tune import choose
-from tests.test_reliability import study_config
+from tests.studies import study_config
 
 TUNE = {"lrs": [0.001, 0.003, 0.01], "validation_fraction": 0.25}
 

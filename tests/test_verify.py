@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from tests.conftest import TINY_STUDY_MODEL as TINY
-from tests.test_reliability import _jobs, cli, snakemake
+from tests.studies import cli, planned_jobs, snakemake
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -202,7 +202,7 @@ def test_an_empty_result_is_not_done_status_names_it_and_snakemake_redoes_it(stu
     out = _status(path, capsys, monkeypatch, folder)
     assert "corrupt" in out and f"{name} lacks required field(s)" in out
     # what the Snakefile asks for: the set-aside name, as an input of the job that redoes it
-    # (the DAG this gives is checked end to end in tests/test_reliability.py, test_16_4)
+    # (the DAG this gives is checked end to end in tests/test_recovery.py, test_16_4)
     aside = str(aside_name(run_dir / name, "corrupt"))
     assert aside in every_set_aside_of(plan.config, plan)(SimpleNamespace())
     stage = "train" if name == "train.json" else "score"
@@ -253,7 +253,7 @@ def test_a_truncated_summary_is_rebuilt_a_damaged_data_file_rewritten_and_nothin
     # one dry run: both are moved aside, the data step and the summary run again; the run
     # (trained and scored on the recorded bytes) is neither retrained nor scored again
     dry = snakemake(["-n", "--cores", "1", "--configfile", str(path)], folder)
-    planned = _jobs(dry.stdout + dry.stderr)
+    planned = planned_jobs(dry.stdout + dry.stderr)
     assert planned.get("set_aside") == 2 and planned.get("summary") == 1 and planned.get("data") == 1, (
         dry.stdout[-3000:])
     assert not set(planned) & {"train", "score", "evaluate"}, planned
